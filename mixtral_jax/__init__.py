@@ -1,0 +1,13 @@
+"""mixtral_jax: Mixtral sparse mixture-of-experts in JAX, exact to the reference.
+
+Public API (DESIGN.md §6): MixtralConfig, init_params, init_cache, forward, Model, load, Tokenizer.
+"""
+
+from .checkpoint import load
+from .config import MixtralConfig
+from .model import Model, forward, init_cache, init_params, param_specs
+from .tokenizer import Tokenizer
+
+__all__ = ["MixtralConfig", "Model", "Tokenizer", "forward", "init_cache", "init_params", "load",
+           "param_specs"]
+__version__ = "0.1.0"

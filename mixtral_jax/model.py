@@ -1,0 +1,266 @@
+"""The Mixtral decoder as pure functions over a parameter pytree.
+
+Parameter layout (canonical; what `init_params` returns and checkpoints hold), x @ W orientation:
+
+    embed                [V, D]       vocab, embed
+    layers_{i}/attn_norm [D]          embed
+    layers_{i}/wq        [D, N, H]    embed, q_heads, head_dim
+    layers_{i}/wk, wv    [D, K, H]    embed, kv_heads, head_dim
+    layers_{i}/wo        [N, H, D]    q_heads, head_dim, embed
+    layers_{i}/ffn_norm  [D]          embed
+    layers_{i}/router    [D, E]       embed, experts_replicated
+    layers_{i}/w_gate    [E, D, F]    experts, embed, ffw      (w1)
+    layers_{i}/w_up      [E, D, F]    experts, embed, ffw      (w3)
+    layers_{i}/w_down    [E, F, D]    experts, ffw, embed      (w2)
+    final_norm           [D]          embed
+    lm_head              [D, V]       embed, vocab
+
+A layer's leaves sit flat in one dict `params["layers_{i}"]`. The KV cache is
+`{"lengths": [B] int32, "layers_{i}": {"k": [B, S, K, H], "v": [B, S, K, H]}}`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .config import MixtralConfig
+from .layers import apply_rope, attention_mask, grouped_attention, rms_norm, rope_angles
+from .moe import DEFAULT_GROUP_SIZE, STRATEGIES, moe
+
+log = logging.getLogger(__name__)
+
+# A config carries no arrays: as a static pytree it can be passed straight to jit/eval_shape.
+jax.tree_util.register_static(MixtralConfig)
+
+INIT_STD = 0.02  # HF's initializer_range
+
+
+class ParamSpec(NamedTuple):
+    shape: tuple[int, ...]
+    axes: tuple[str, ...]  # logical axis names, mapped to mesh axes in sharding.py
+
+
+def layer_name(i: int) -> str:
+    return f"layers_{i}"
+
+
+def param_specs(config: MixtralConfig) -> dict[str, Any]:
+    """Shape and logical axes of every parameter, in the canonical nested layout."""
+    c = config
+    d, n, k, h, f, e, v = c.d_model, c.n_heads, c.n_kv_heads, c.head_dim, c.d_ff, c.n_experts, c.vocab_size
+    layer = {
+        "attn_norm": ParamSpec((d,), ("embed",)),
+        "wq": ParamSpec((d, n, h), ("embed", "q_heads", "head_dim")),
+        "wk": ParamSpec((d, k, h), ("embed", "kv_heads", "head_dim")),
+        "wv": ParamSpec((d, k, h), ("embed", "kv_heads", "head_dim")),
+        "wo": ParamSpec((n, h, d), ("q_heads", "head_dim", "embed")),
+        "ffn_norm": ParamSpec((d,), ("embed",)),
+        "router": ParamSpec((d, e), ("embed", "experts_replicated")),
+        "w_gate": ParamSpec((e, d, f), ("experts", "embed", "ffw")),
+        "w_up": ParamSpec((e, d, f), ("experts", "embed", "ffw")),
+        "w_down": ParamSpec((e, f, d), ("experts", "ffw", "embed")),
+    }
+    specs = {"embed": ParamSpec((v, d), ("vocab", "embed"))}
+    specs.update({layer_name(i): dict(layer) for i in range(c.n_layers)})
+    specs["final_norm"] = ParamSpec((d,), ("embed",))
+    specs["lm_head"] = ParamSpec((d, v), ("embed", "vocab"))
+    return specs
+
+
+def _is_spec(x) -> bool:
+    return isinstance(x, ParamSpec)
+
+
+def init_params(config: MixtralConfig, seed: int = 0, dtype=jnp.float32) -> dict[str, Any]:
+    """Random parameters as HF initialises them: N(0, 0.02) matrices, unit norms.
+
+    Args:
+      config: the model.
+      seed: PRNG seed.
+      dtype: parameter dtype.
+    Returns:
+      The canonical parameter pytree (layout in this module's docstring).
+    """
+    specs, treedef = jax.tree.flatten(param_specs(config), is_leaf=_is_spec)
+    key = jax.random.key(seed)
+    leaves = []
+    for i, spec in enumerate(specs):
+        if len(spec.shape) == 1:  # norms
+            leaves.append(jnp.ones(spec.shape, dtype))
+        else:
+            leaves.append((INIT_STD * jax.random.normal(jax.random.fold_in(key, i), spec.shape,
+                                                        jnp.float32)).astype(dtype))
+    return jax.tree.unflatten(treedef, leaves)
+
+
+def default_dtype():
+    """float32 on CPU (the only fast dtype there, DESIGN.md §2), bfloat16 on GPU/TPU."""
+    return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+
+
+def init_cache(config: MixtralConfig, batch: int, max_len: int, dtype=None) -> dict[str, Any]:
+    """An empty fixed-size KV cache.
+
+    Args:
+      config: the model.
+      batch: B rows.
+      max_len: S slots per row; size it by prompt + new tokens, not by the context.
+      dtype: cache dtype; None for the platform default (see `default_dtype`).
+    Returns:
+      {"lengths": [B] int32 zeros, "layers_{i}": {"k", "v": [B, S, K, H] zeros}}.
+    """
+    if not isinstance(batch, (int, np.integer)) or batch < 1:
+        raise ValueError(f"batch must be a positive integer, got {batch!r}")
+    if not isinstance(max_len, (int, np.integer)) or not 1 <= max_len <= config.max_seq_len:
+        raise ValueError(f"max_len must be in [1, max_seq_len={config.max_seq_len}], got {max_len!r}")
+    dtype = default_dtype() if dtype is None else dtype
+    shape = (batch, max_len, config.n_kv_heads, config.head_dim)
+    cache: dict[str, Any] = {"lengths": jnp.zeros((batch,), jnp.int32)}
+    for i in range(config.n_layers):
+        cache[layer_name(i)] = {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+    return cache
+
+
+def _is_concrete(x) -> bool:
+    return not isinstance(x, jax.core.Tracer)
+
+
+def _check_inputs(config, tokens, lengths, cache):
+    """Host-side bounds checks (XLA would clamp or return NaN silently). Skipped under tracing."""
+    if tokens.ndim != 2:
+        raise ValueError(f"tokens must be [B, T], got shape {tokens.shape}")
+    if not jnp.issubdtype(tokens.dtype, jnp.integer):
+        raise ValueError(f"tokens must be integers, got {tokens.dtype}")
+    b, t = tokens.shape
+    if _is_concrete(tokens) and tokens.size:
+        lo, hi = int(np.min(tokens)), int(np.max(tokens))
+        if lo < 0 or hi >= config.vocab_size:
+            bad = lo if lo < 0 else hi
+            raise ValueError(f"token id {bad} out of range [0, {config.vocab_size})")
+    if lengths is not None:
+        if lengths.shape != (b,):
+            raise ValueError(f"lengths must have shape ({b},), got {lengths.shape}")
+        if _is_concrete(lengths) and (np.any(np.asarray(lengths) < 0) or np.any(np.asarray(lengths) > t)):
+            raise ValueError(f"lengths must lie in [0, {t}], got {np.asarray(lengths).tolist()}")
+    if cache is not None:
+        cache_len = cache["lengths"]
+        slots = cache[layer_name(0)]["k"].shape[1]
+        if cache_len.shape != (b,):
+            raise ValueError(f"cache batch {cache_len.shape[0]} does not match tokens batch {b}")
+        if _is_concrete(cache_len) and (lengths is None or _is_concrete(lengths)):
+            new = t if lengths is None else np.asarray(lengths)
+            end = np.asarray(cache_len) + new
+            if np.any(end > slots):
+                raise ValueError(f"KV cache overflow: {int(np.max(end))} tokens for {slots} slots")
+
+
+def forward(config: MixtralConfig, params, tokens, *, lengths=None, cache=None,
+            return_router_logits: bool = False, moe_strategy: str = "auto",
+            capacity_factor: float | None = None, group_size: int = DEFAULT_GROUP_SIZE):
+    """Run the decoder.
+
+    Args:
+      config: the model.
+      params: parameter pytree (canonical layout).
+      tokens: int [B, T]; row b holds `lengths[b]` valid tokens followed by padding.
+      lengths: int [B] valid tokens per row, or None when every token is valid.
+      cache: KV cache from `init_cache` (or a previous call); new tokens are written after each
+        row's `cache["lengths"]` and attend to everything before them.
+      return_router_logits: also return router logits [L, B, T, E] float32.
+      moe_strategy: "auto", "dense", "gather" or "einsum" (see `mixtral_jax.moe`).
+      capacity_factor: einsum only; None (default) never drops a token. When tokens are dropped
+        a warning is logged with the count.
+      group_size: einsum routing-group bound.
+    Returns:
+      logits [B, T, V] float32; `(logits, cache)` when a cache is passed; router logits appended
+      last when asked. Logits at padding positions are finite but meaningless.
+    """
+    tokens = jnp.asarray(tokens)
+    lengths = None if lengths is None else jnp.asarray(lengths, jnp.int32)
+    _check_inputs(config, tokens, lengths, cache)
+    if moe_strategy not in STRATEGIES:
+        raise ValueError(f"unknown MoE strategy {moe_strategy!r}; choose from {', '.join(STRATEGIES)}")
+    logits, new_cache, router_logits, dropped = _forward_jit(
+        config, params, jnp.asarray(tokens, jnp.int32), lengths, cache,
+        moe_strategy=moe_strategy, capacity_factor=capacity_factor, group_size=group_size)
+    if capacity_factor is not None:
+        jax.debug.callback(_report_dropped, dropped, capacity_factor)
+    out = (logits,) if cache is None else (logits, new_cache)
+    if return_router_logits:
+        out += (router_logits,)
+    return out[0] if len(out) == 1 else out
+
+
+def _report_dropped(dropped, capacity_factor):
+    if int(dropped):
+        log.warning("MoE capacity factor %s dropped %d token-expert assignments", capacity_factor,
+                    int(dropped))
+
+
+def decoder(config: MixtralConfig, params, tokens, lengths, cache, *, moe_strategy="auto",
+            capacity_factor=None, group_size=DEFAULT_GROUP_SIZE):
+    """The traced body of `forward`: returns (logits, cache or None, router logits, dropped)."""
+    b, t = tokens.shape
+    new_len = jnp.full((b,), t, jnp.int32) if lengths is None else lengths
+    offset = jnp.zeros((b,), jnp.int32) if cache is None else cache["lengths"]
+    q_pos = offset[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]             # [B, T]
+    q_valid = jnp.arange(t)[None, :] < new_len[:, None]                            # [B, T]
+    if cache is None:
+        k_pos = jnp.arange(t, dtype=jnp.int32)
+        k_valid = q_valid
+    else:
+        slots = cache[layer_name(0)]["k"].shape[1]
+        k_pos = jnp.arange(slots, dtype=jnp.int32)
+        k_valid = k_pos[None, :] < (offset + new_len)[:, None]                     # [B, S]
+        # Padding tokens are written to slot S, which the scatter drops.
+        write_pos = jnp.where(q_valid, q_pos, slots)
+    mask = attention_mask(q_pos, k_pos, k_valid, config.sliding_window)           # [B, T, S]
+    cos, sin = rope_angles(q_pos, config.head_dim, config.rope_theta)
+
+    x = params["embed"][tokens]                                                    # [B, T, D]
+    new_cache = None if cache is None else {"lengths": offset + new_len}
+    router_logits, dropped = [], jnp.zeros((), jnp.int32)
+    for i in range(config.n_layers):
+        p = params[layer_name(i)]
+        h = rms_norm(x, p["attn_norm"], config.norm_eps)
+        q = apply_rope(jnp.einsum("btd,dnh->btnh", h, p["wq"]), cos, sin)          # [B, T, N, H]
+        k = apply_rope(jnp.einsum("btd,dkh->btkh", h, p["wk"]), cos, sin)          # [B, T, K, H]
+        v = jnp.einsum("btd,dkh->btkh", h, p["wv"])                                # [B, T, K, H]
+        if cache is not None:
+            rows = jnp.arange(b)[:, None]
+            c = cache[layer_name(i)]
+            k = c["k"].at[rows, write_pos].set(k.astype(c["k"].dtype), mode="drop")  # [B, S, K, H]
+            v = c["v"].at[rows, write_pos].set(v.astype(c["v"].dtype), mode="drop")
+            new_cache[layer_name(i)] = {"k": k, "v": v}
+        attn = grouped_attention(q, k, v, mask)                                    # [B, T, N, H]
+        x = x + jnp.einsum("btnh,nhd->btd", attn, p["wo"])
+        h = rms_norm(x, p["ffn_norm"], config.norm_eps)
+        y, logits_i, dropped_i = moe(h.reshape(b * t, -1), p, top_k=config.top_k,
+                                     valid=q_valid.reshape(-1), strategy=moe_strategy,
+                                     capacity_factor=capacity_factor, group_size=group_size)
+        x = x + y.reshape(x.shape)
+        router_logits.append(logits_i.reshape(b, t, -1))
+        dropped = dropped + dropped_i
+    x = rms_norm(x, params["final_norm"], config.norm_eps)
+    logits = jnp.einsum("btd,dv->btv", x, params["lm_head"]).astype(jnp.float32)  # [B, T, V]
+    return logits, new_cache, jnp.stack(router_logits), dropped
+
+
+_forward_jit = jax.jit(decoder, static_argnames=("moe_strategy", "capacity_factor", "group_size"))
+
+
+@dataclasses.dataclass
+class Model:
+    """A loaded model: config, parameters and (optionally) its tokenizer."""
+    config: MixtralConfig
+    params: Any
+    tokenizer: Any = None
+
+    def __call__(self, tokens, **kwargs):
+        return forward(self.config, self.params, tokens, **kwargs)

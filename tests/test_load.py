@@ -1,0 +1,103 @@
+"""mixtral_jax.load of Hugging Face folders (no torch at load time) and forward's input checks."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+import mixtral_jax as mj
+from mixtral_convert import CheckpointError, write_hf
+from conftest import GQA, hf_logits, hf_model
+from tolerances import LOGITS_ATOL
+
+
+@pytest.fixture(scope="module")
+def hf(tmp_path_factory):
+    model = hf_model(GQA, seed=5)
+    path = tmp_path_factory.mktemp("hf")
+    model.save_pretrained(path, max_shard_size="30KB")
+    return model, path
+
+
+def test_single_file_without_index_and_fused_names(hf, tmp_path, rng):
+    """transformers 5.x in-memory (fused) expert names in one model.safetensors, no index."""
+    import safetensors.torch
+
+    model, path = hf
+    shutil.copy(path / "config.json", tmp_path)
+    safetensors.torch.save_file({k: v.contiguous() for k, v in model.state_dict().items()},
+                                str(tmp_path / "model.safetensors"))
+    assert any("gate_up_proj" in k for k in model.state_dict())
+    tokens = rng.integers(0, GQA.vocab_size, (1, 12))
+    logits = mj.forward(GQA, mj.load(tmp_path).params, tokens)
+    np.testing.assert_allclose(np.asarray(logits), hf_logits(model, tokens), atol=LOGITS_ATOL, rtol=0)
+
+
+def test_dtype_and_tokenizer(hf, tmp_path):
+    _, path = hf
+    m = mj.load(path)
+    assert m.tokenizer is None and m.params["embed"].dtype == np.float32
+    assert mj.load(path, dtype="bfloat16").params["layers_1"]["w_up"].dtype == "bfloat16"
+    shutil.copytree(path, tmp_path / "with_tok")
+    shutil.copy(mj.Tokenizer().path, tmp_path / "with_tok" / "tokenizer.model")
+    assert mj.load(tmp_path / "with_tok").tokenizer.vocab_size == 32000
+    with pytest.raises(ValueError, match="dtype"):
+        mj.load(path, dtype="int4")
+
+
+def test_write_hf_is_read_back_by_transformers(tmp_path, rng):
+    import transformers
+
+    params = jax.tree.map(lambda a: a * 10.0 if a.ndim > 1 else a, mj.init_params(GQA, seed=2))
+    write_hf(str(tmp_path), GQA, params)
+    hf_back = transformers.MixtralForCausalLM.from_pretrained(tmp_path, experts_implementation="eager",
+                                                              attn_implementation="eager")
+    tokens = rng.integers(0, GQA.vocab_size, (2, 10))
+    np.testing.assert_allclose(np.asarray(mj.forward(GQA, params, tokens)), hf_logits(hf_back, tokens),
+                               atol=LOGITS_ATOL, rtol=0)
+
+
+def test_loading_never_imports_torch(hf):
+    _, path = hf
+    code = (f"import sys, mixtral_jax as mj; m = mj.load({str(path)!r}); "
+            "mj.forward(m.config, m.params, [[1, 2, 3]]); "
+            "assert 'torch' not in sys.modules and 'transformers' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_bad_sources(hf, tmp_path):
+    _, path = hf
+    with pytest.raises(CheckpointError, match="no such file"):
+        mj.load(tmp_path / "missing")
+    with pytest.raises(CheckpointError, match="config.json"):
+        mj.load(tmp_path)
+    bad = tmp_path / "bad"
+    shutil.copytree(path, bad)
+    shard = sorted(bad.glob("model-*.safetensors"))[1]
+    shard.write_bytes(shard.read_bytes()[:-10])
+    with pytest.raises(CheckpointError, match="truncated"):
+        mj.load(bad)
+    cfg = json.loads((path / "config.json").read_text())
+    wrong = tmp_path / "wrong"
+    shutil.copytree(path, wrong)
+    (wrong / "config.json").write_text(json.dumps(dict(cfg, intermediate_size=36)))
+    with pytest.raises(CheckpointError, match="shape"):
+        mj.load(wrong)
+
+
+def test_token_ids_are_range_checked_when_concrete():
+    params = mj.init_params(GQA)
+    for bad in ([[0, GQA.vocab_size]], [[-1, 3]]):
+        with pytest.raises(ValueError, match="out of range"):
+            mj.forward(GQA, params, bad)
+    with pytest.raises(ValueError, match=r"\[B, T\]"):
+        mj.forward(GQA, params, [1, 2, 3])
+    # Under tracing the check is skipped, so jit and grad of forward still work.
+    jitted = jax.jit(lambda p, t: mj.forward(GQA, p, t))(params, np.array([[1, 2, 3]]))
+    assert jitted.shape == (1, 3, GQA.vocab_size)
+    grads = jax.grad(lambda p: mj.forward(GQA, p, [[1, 2, 3]]).sum())(params)
+    assert np.isfinite(np.asarray(grads["layers_0"]["w_gate"])).all()

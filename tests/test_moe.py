@@ -1,0 +1,112 @@
+"""MoE layer: routing identities, every strategy vs the dense oracle and HF's MixtralSparseMoeBlock."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import mixtral_jax as mj
+from mixtral_jax import moe as moe_lib
+from conftest import GQA, hf_model
+from tolerances import LAYER_ATOL, STRATEGY_ATOL
+
+
+def layer_and_input(config, rng, n_tokens=37):
+    params = mj.init_params(config, seed=1)["layers_0"]
+    params = jax.tree.map(lambda a: a * 10.0, params)  # std 0.2: routing decisions matter
+    x = jnp.asarray(rng.standard_normal((n_tokens, config.d_model)), jnp.float32)
+    return params, x
+
+
+def test_topk_softmax_equals_softmax_topk_renormalise(rng):
+    logits = rng.standard_normal((500, 8)).astype(np.float32)
+    logits[:50, 3] = logits[:50, 5]  # ties go to the lower index in both formulations
+    w = jnp.asarray(rng.standard_normal((8, 8)), jnp.float32)
+    x = jnp.asarray(logits) @ jnp.linalg.inv(w)
+    routing = moe_lib.route(x, w, 2)
+    probs = jax.nn.softmax(routing.logits, axis=-1)                      # HF: softmax over all,
+    top_p, top_i = jax.lax.top_k(probs, 2)                               # top-2,
+    renorm = top_p / top_p.sum(-1, keepdims=True)                        # renormalise
+    np.testing.assert_array_equal(np.asarray(routing.experts), np.asarray(top_i))
+    np.testing.assert_allclose(np.asarray(routing.weights), np.asarray(renorm), atol=1e-6)
+    tied = np.asarray(routing.experts)[:50]
+    assert np.all((tied != 5) | np.isin(3, tied))  # 5 never chosen over its tie 3
+
+
+@pytest.mark.parametrize("strategy", ["gather", "einsum"])
+@pytest.mark.parametrize("n_tokens", [1, 3, 37])
+def test_strategy_equals_dense_oracle(rng, strategy, n_tokens):
+    params, x = layer_and_input(GQA, rng, n_tokens)
+    ref, ref_logits, _ = moe_lib.moe(x, params, top_k=2, strategy="dense")
+    for group_size in (8, 512):
+        y, logits, dropped = moe_lib.moe(x, params, top_k=2, strategy=strategy, group_size=group_size)
+        np.testing.assert_allclose(np.asarray(y), np.asarray(ref), atol=STRATEGY_ATOL, rtol=0)
+        np.testing.assert_array_equal(np.asarray(logits), np.asarray(ref_logits))
+        assert int(dropped) == 0
+
+
+@pytest.mark.parametrize("strategy", ["dense", "gather", "einsum", "auto"])
+def test_strategy_equals_hf_sparse_moe_block(rng, strategy):
+    import torch
+
+    model = hf_model(GQA)
+    block = model.model.layers[0].mlp
+    sd = {k: v.detach().numpy() for k, v in block.state_dict().items()}
+    f = GQA.d_ff
+    params = {
+        "router": jnp.asarray(sd["gate.weight"].T),
+        "w_gate": jnp.asarray(sd["experts.gate_up_proj"][:, :f].transpose(0, 2, 1)),
+        "w_up": jnp.asarray(sd["experts.gate_up_proj"][:, f:].transpose(0, 2, 1)),
+        "w_down": jnp.asarray(sd["experts.down_proj"].transpose(0, 2, 1)),
+    }
+    x = rng.standard_normal((1, 29, GQA.d_model)).astype(np.float32)
+    with torch.inference_mode():
+        ref = block(torch.as_tensor(x)).numpy()[0]
+    y, _, _ = moe_lib.moe(jnp.asarray(x[0]), params, top_k=2, strategy=strategy)
+    np.testing.assert_allclose(np.asarray(y), ref, atol=LAYER_ATOL, rtol=0)
+
+
+def test_capacity_factor_drops_are_counted(rng):
+    params, x = layer_and_input(GQA, rng, 64)
+    group, cf = 16, 0.5
+    capacity = moe_lib.einsum_capacity(group, 8, 2, cf)
+    y, _, dropped = moe_lib.moe(x, params, top_k=2, strategy="einsum", group_size=group,
+                                capacity_factor=cf)
+    experts = np.asarray(moe_lib.route(x, params["router"], 2).experts).reshape(-1, group, 2)
+    counts = np.stack([np.bincount(g.ravel(), minlength=8) for g in experts])  # [groups, E]
+    # Each expert keeps min(count, C) of its assignments whatever the priority order.
+    assert int(dropped) == int(np.maximum(counts - capacity, 0).sum()) > 0
+    ref, _, _ = moe_lib.moe(x, params, top_k=2, strategy="dense")
+    # A token whose experts were all under capacity in its group is computed exactly.
+    safe = np.all(counts[np.arange(len(experts))[:, None, None], experts] <= capacity, axis=-1).ravel()
+    assert safe.any() and not safe.all()
+    np.testing.assert_allclose(np.asarray(y)[safe], np.asarray(ref)[safe], atol=STRATEGY_ATOL)
+    assert not np.allclose(np.asarray(y)[~safe], np.asarray(ref)[~safe], atol=STRATEGY_ATOL)
+
+
+def test_padding_tokens_take_no_capacity(rng):
+    params, x = layer_and_input(GQA, rng, 32)
+    valid = jnp.arange(32) < 20
+    _, _, dropped_all = moe_lib.moe(x, params, top_k=2, strategy="einsum", group_size=32,
+                                    capacity_factor=0.25)
+    _, _, dropped_valid = moe_lib.moe(x, params, top_k=2, strategy="einsum", group_size=32,
+                                      capacity_factor=0.25, valid=valid)
+    assert int(dropped_valid) < int(dropped_all)
+
+
+def test_forward_reports_dropped_tokens(rng, caplog):
+    config = GQA
+    params = jax.tree.map(lambda a: a * 10.0 if a.ndim > 1 else a, mj.init_params(config))
+    tokens = rng.integers(0, config.vocab_size, (2, 40))
+    with caplog.at_level("WARNING"):
+        mj.forward(config, params, tokens, moe_strategy="einsum", capacity_factor=0.3)
+    assert "dropped" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        mj.forward(config, params, tokens, moe_strategy="einsum")
+    assert "dropped" not in caplog.text
+
+
+def test_unknown_strategy_is_rejected(rng):
+    with pytest.raises(ValueError, match="strategy"):
+        mj.forward(GQA, mj.init_params(GQA), [[1, 2]], moe_strategy="magic")

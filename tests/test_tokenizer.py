@@ -1,0 +1,115 @@
+"""Tokenizer: encode/decode round trips and chat encoding identical to mistral-common's v1."""
+
+import itertools
+
+import pytest
+
+from mixtral_jax import Tokenizer
+
+CONVERSATIONS = {
+    "system prompt": [{"role": "system", "content": "You are a terse assistant."},
+                      {"role": "user", "content": "Name a prime."}],
+    "multi-turn": [{"role": "user", "content": "Hello"},
+                   {"role": "assistant", "content": "Hi! How can I help?"},
+                   {"role": "user", "content": "Tell me a joke."},
+                   {"role": "assistant", "content": "Why did the chicken cross the road?"},
+                   {"role": "user", "content": "Why?"}],
+    "non-ASCII": [{"role": "user", "content": "Ça va? 東京は晴れ 🌞 — naïve café"}],
+    "spaces": [{"role": "user", "content": "  leading and trailing  "},
+               {"role": "assistant", "content": " spaced answer "},
+               {"role": "user", "content": "\tend "}],
+    "newlines": [{"role": "system", "content": "Line one.\nLine two."},
+                 {"role": "user", "content": "a\n\nb\n"},
+                 {"role": "assistant", "content": "x\ny"},
+                 {"role": "user", "content": "\n"}],
+    "merged users": [{"role": "user", "content": "first"}, {"role": "user", "content": "second"}],
+    "system in the middle": [{"role": "user", "content": "q1"}, {"role": "assistant", "content": "a1"},
+                             {"role": "user", "content": "q2"}, {"role": "system", "content": "Be kind"},
+                             {"role": "user", "content": "q3"}],
+}
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return Tokenizer()
+
+
+@pytest.fixture(scope="module")
+def reference():
+    from mistral_common.protocol.instruct.messages import AssistantMessage, SystemMessage, UserMessage
+    from mistral_common.protocol.instruct.request import ChatCompletionRequest
+    from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+
+    mt = MistralTokenizer.v1()
+    classes = {"system": SystemMessage, "user": UserMessage, "assistant": AssistantMessage}
+
+    def encode(messages):
+        """mistral-common's token ids, or None when it rejects the conversation."""
+        try:
+            request = ChatCompletionRequest(messages=[classes[m["role"]](content=m["content"])
+                                                      for m in messages])
+            return mt.encode_chat_completion(request).tokens
+        except Exception:  # noqa: BLE001 - any rejection counts as "invalid"
+            return None
+    return encode
+
+
+def test_special_ids(tok):
+    assert (tok.bos_id, tok.eos_id, tok.vocab_size) == (1, 2, 32000)
+
+
+@pytest.mark.parametrize("name", list(CONVERSATIONS))
+def test_encode_chat_equals_mistral_common(tok, reference, name):
+    expected = reference(CONVERSATIONS[name])
+    assert expected is not None
+    assert tok.encode_chat(CONVERSATIONS[name]) == expected
+
+
+def test_valid_exactly_when_mistral_common_accepts(tok, reference):
+    """Every role sequence up to length 4, with empty and non-empty contents."""
+    checked = rejected = 0
+    for n in range(1, 5):
+        for roles in itertools.product(["system", "user", "assistant"], repeat=n):
+            for empties in itertools.product([False, True], repeat=n):
+                if sum(empties) > 1:
+                    continue
+                msgs = [{"role": r, "content": "" if e else f"{r} {i}"}
+                        for i, (r, e) in enumerate(zip(roles, empties))]
+                expected = reference(msgs)
+                if expected is None:
+                    rejected += 1
+                    with pytest.raises(ValueError):
+                        tok.encode_chat(msgs)
+                else:
+                    assert tok.encode_chat(msgs) == expected, msgs
+                checked += 1
+    assert checked > 300 and 0 < rejected < checked
+
+
+@pytest.mark.parametrize("bad", [[], "hello", [{"role": "robot", "content": "x"}],
+                                 [{"role": "user"}], [{"role": "user", "content": 3}]])
+def test_malformed_conversations_raise(tok, bad):
+    with pytest.raises(ValueError):
+        tok.encode_chat(bad)
+
+
+@pytest.mark.parametrize("text", ["Héllo wörld, ça va? 😀👍🏽", "  two leading spaces", "tabs\tand\nnewlines\n",
+                                  "日本語のテキスト", "ünïcödé àccents — dash"])
+def test_decode_inverts_encode(tok, text):
+    ids = tok.encode(text, bos=False)
+    assert tok.decode(ids) == text
+    assert tok.encode(text) == [1] + ids and tok.encode(text, eos=True)[-1] == 2
+
+
+def test_decode_rejects_out_of_range(tok):
+    with pytest.raises(ValueError, match="out of range"):
+        tok.decode([5, 32000])
+
+
+def test_bad_model_path(tmp_path):
+    with pytest.raises(ValueError, match="not found"):
+        Tokenizer(tmp_path / "missing.model")
+    junk = tmp_path / "junk.model"
+    junk.write_bytes(b"not a model")
+    with pytest.raises(ValueError, match="SentencePiece"):
+        Tokenizer(junk)

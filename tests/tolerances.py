@@ -1,0 +1,6 @@
+"""The one tolerance table of the test suite (DESIGN.md §4)."""
+
+LAYER_ATOL = 1e-5        # rms_norm, rope, attention, moe block vs HF torch modules (float32)
+LOGITS_ATOL = 1e-4       # whole tiny model vs HF MixtralForCausalLM (float32)
+CACHE_ATOL = 1e-5        # cached decode vs our own uncached forward (float32)
+STRATEGY_ATOL = 1e-5     # every MoE strategy vs the dense oracle (float32)
