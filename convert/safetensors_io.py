@@ -93,22 +93,46 @@ class SafetensorsFile:
         return buf.view(dtype).reshape(shape)
 
 
+class SafetensorsWriter:
+    """Writes a safetensors file tensor by tensor: the header first (from the declared layout),
+    then each tensor in the declared order, so a file larger than memory can be written."""
+
+    def __init__(self, path: str, layout: list[tuple[str, np.dtype, tuple[int, ...]]],
+                 metadata: dict[str, str] | None = None):
+        names = {v: k for k, v in DTYPES.items()}
+        header: dict = {"__metadata__": metadata} if metadata else {}
+        offset = 0
+        self._pending = []
+        for name, dtype, shape in layout:
+            dtype = np.dtype(dtype)
+            if dtype not in names:
+                raise CheckpointError(f"{path}: cannot store dtype {dtype} of {name!r}")
+            size = dtype.itemsize * int(np.prod(shape, dtype=np.int64))
+            header[name] = {"dtype": names[dtype], "shape": list(shape),
+                            "data_offsets": [offset, offset + size]}
+            self._pending.append((name, dtype, tuple(shape)))
+            offset += size
+        blob = json.dumps(header, separators=(",", ":")).encode()
+        blob += b" " * (-len(blob) % 8)  # keep tensor data 8-byte aligned
+        self.path = path
+        self._f = open(path, "wb")
+        self._f.write(struct.pack("<Q", len(blob)) + blob)
+
+    def write(self, name: str, a: np.ndarray) -> None:
+        expected = self._pending.pop(0)
+        if (name, a.dtype, a.shape) != expected:
+            raise AssertionError(f"{self.path}: wrote {name} {a.dtype} {a.shape}, expected {expected}")
+        self._f.write(np.ascontiguousarray(a).reshape(-1).view(np.uint8))  # bf16 has no buffer format
+
+    def close(self) -> None:
+        self._f.close()
+        if self._pending:
+            raise AssertionError(f"{self.path}: {len(self._pending)} tensors were never written")
+
+
 def write_safetensors(path: str, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None):
-    """Write numpy arrays as one safetensors file (names sorted, as `safetensors` does)."""
-    names = {v: k for k, v in DTYPES.items()}
-    header: dict = {"__metadata__": metadata} if metadata else {}
-    offset = 0
-    for name in sorted(tensors):
-        a = tensors[name]
-        if a.dtype not in names:
-            raise CheckpointError(f"{path}: cannot store dtype {a.dtype} of {name!r}")
-        header[name] = {"dtype": names[a.dtype], "shape": list(a.shape),
-                        "data_offsets": [offset, offset + a.nbytes]}
-        offset += a.nbytes
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)  # keep tensor data 8-byte aligned
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(blob)))
-        f.write(blob)
-        for name in sorted(tensors):
-            f.write(np.ascontiguousarray(tensors[name]).tobytes())
+    """Write a dict of numpy arrays as one safetensors file."""
+    writer = SafetensorsWriter(path, [(k, a.dtype, a.shape) for k, a in tensors.items()], metadata)
+    for k, a in tensors.items():
+        writer.write(k, a)
+    writer.close()

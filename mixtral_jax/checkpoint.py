@@ -1,21 +1,37 @@
-"""Loading a model from disk."""
+"""Project checkpoints (orbax) and `load`.
+
+A project checkpoint is a folder:
+
+    mixtral_jax.json     {"format": "mixtral_jax", "version": 1, "config": {...}, "dtype": ...,
+                          "items": ["globals", "layers_0", ...]}
+    params/globals/      orbax checkpoint of embed, final_norm, lm_head
+    params/layers_{i}/   orbax checkpoint of layer i's leaves (canonical layout)
+    tokenizer.model      when the source had one
+
+One orbax item per layer keeps conversion and restore at about one layer of host memory.
+"""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 from .config import MixtralConfig
-from .model import Model, default_dtype
+from .model import Model, ParamSpec, default_dtype, layer_name, param_specs
 from .tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
 DTYPE_NAMES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+MANIFEST = "mixtral_jax.json"
 TOKENIZER_FILE = "tokenizer.model"
+FORMAT_VERSION = 1
 
 
 def resolve_dtype(dtype):
@@ -35,12 +51,82 @@ def resolve_dtype(dtype):
     return dt
 
 
+def item_names(config: MixtralConfig) -> list[str]:
+    return ["globals"] + [layer_name(i) for i in range(config.n_layers)]
+
+
+def item_specs(config: MixtralConfig, item: str) -> dict[str, Any]:
+    specs = param_specs(config)
+    if item == "globals":
+        return {k: v for k, v in specs.items() if not k.startswith("layers_")}
+    return specs[item]
+
+
+def _checkpointer():
+    import orbax.checkpoint as ocp
+
+    return ocp.StandardCheckpointer()
+
+
+def save_item(folder: str, item: str, leaves: dict[str, Any]) -> None:
+    """Write one item (the globals or a layer) under `folder/params/`."""
+    ckpt = _checkpointer()
+    ckpt.save(os.path.join(os.path.abspath(folder), "params", item), leaves)
+    ckpt.wait_until_finished()
+
+
+def write_manifest(folder: str, config: MixtralConfig, dtype, **extra) -> None:
+    manifest = {"format": "mixtral_jax", "version": FORMAT_VERSION, "config": config.to_dict(),
+                "dtype": np.dtype(dtype).name, "items": item_names(config), **extra}
+    with open(os.path.join(folder, MANIFEST), "w", encoding="utf-8") as f:
+        json.dump(manifest, f, indent=2)
+
+
+def read_manifest(folder: str) -> dict[str, Any]:
+    from mixtral_convert import CheckpointError
+
+    path = os.path.join(folder, MANIFEST)
+    try:
+        with open(path, encoding="utf-8") as f:
+            manifest = json.load(f)
+        if manifest.get("format") != "mixtral_jax":
+            raise ValueError("not a mixtral_jax manifest")
+        if manifest.get("version") != FORMAT_VERSION:
+            raise ValueError(f"format version {manifest.get('version')} (this is {FORMAT_VERSION})")
+        manifest["config"] = MixtralConfig.from_dict(manifest["config"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    for item in manifest["items"]:
+        if not os.path.isdir(os.path.join(folder, "params", item)):
+            raise CheckpointError(f"{os.path.join(folder, 'params', item)}: missing checkpoint item")
+    return manifest
+
+
+def restore_item(folder: str, config: MixtralConfig, item: str, dtype, sharding=None) -> dict[str, Any]:
+    """One item's leaves as `dtype`: numpy arrays, or jax arrays placed per `sharding(leaf_spec)`."""
+    def target(spec):
+        s = None if sharding is None else sharding(spec)
+        return jax.ShapeDtypeStruct(spec.shape, dtype, sharding=s)
+
+    abstract = jax.tree.map(target, item_specs(config, item), is_leaf=lambda x: isinstance(x, ParamSpec))
+    return _checkpointer().restore(os.path.join(os.path.abspath(folder), "params", item), abstract)
+
+
+def _place(params: dict[str, Any], item: str, leaves: dict[str, Any]) -> None:
+    """Put an item's leaves into the nested layout (the globals sit at the top level)."""
+    if item == "globals":
+        params.update(leaves)
+    else:
+        params[item] = leaves
+
+
 def load(path, *, dtype=None, mesh=None) -> Model:
     """Load a model.
 
     Args:
-      path: a Hugging Face folder (config.json + one or many *.safetensors, with or without
-        model.safetensors.index.json), read tensor by tensor without torch.
+      path: a project checkpoint written by `mixtral-jax convert`, a Hugging Face folder
+        (config.json + one or many *.safetensors, with or without the index) or a Mistral folder
+        (params.json + consolidated.safetensors). Tensors are read one at a time, without torch.
       dtype: "float32", "bfloat16", "float16" or a jnp dtype; None for float32 on CPU and
         bfloat16 on GPU/TPU.
       mesh: reserved for sharded loading (issue 5); must be None for now.
@@ -50,19 +136,27 @@ def load(path, *, dtype=None, mesh=None) -> Model:
     Raises:
       ValueError (mixtral_convert.CheckpointError) naming the file and the problem.
     """
-    from mixtral_convert import CheckpointError, read_hf_params  # checkpoint formats, no torch
+    from mixtral_convert import CheckpointError, detect_format, iter_params, open_source
 
     if mesh is not None:
         raise NotImplementedError("loading onto a mesh is not supported yet")
     dt = resolve_dtype(dtype)
     path = os.fspath(path)
-    if not os.path.exists(path):
-        raise CheckpointError(f"{path}: no such file or directory")
-    if not os.path.isfile(os.path.join(path, "config.json")):
-        raise CheckpointError(f"{path}: not a Hugging Face Mixtral folder (no config.json)")
-    config = MixtralConfig.from_hf(path)
-    log.info("loading %s (%s)", path, dt)
-    params = read_hf_params(config, path, lambda a: jnp.asarray(a.astype(dt, copy=False)))
+    fmt = detect_format(path)
+    log.info("loading %s (%s checkpoint) as %s", path, fmt, dt)
+    params: dict[str, Any] = {}
+    if fmt == "orbax":
+        config = read_manifest(path)["config"]
+        for item in item_names(config):
+            _place(params, item, {k: jnp.asarray(v) for k, v in restore_item(path, config, item, dt).items()})
+    else:
+        reader = MixtralConfig.from_hf if fmt == "hf" else MixtralConfig.from_mistral
+        config = reader(path)
+        for item, leaves in iter_params(config, fmt, open_source(path, fmt)):
+            _place(params, item.name, {k: jnp.asarray(v.astype(dt, copy=False)) for k, v in leaves.items()})
     tok_path = os.path.join(path, TOKENIZER_FILE)
-    tokenizer = Tokenizer(tok_path) if os.path.isfile(tok_path) else None
+    try:
+        tokenizer = Tokenizer(tok_path) if os.path.isfile(tok_path) else None
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
     return Model(config, params, tokenizer)

@@ -6,9 +6,9 @@ Exit codes: 0 success, 2 usage or input errors (one line on stderr, no traceback
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
-import shutil
 import sys
 import tempfile
 import time
@@ -38,7 +38,7 @@ def cmd_demo(args) -> int:
     import jax
 
     import mixtral_jax as mj
-    from mixtral_convert import write_hf
+    from mixtral_convert import write_folder
 
     if args.max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
@@ -50,9 +50,11 @@ def cmd_demo(args) -> int:
                          f"({config.max_seq_len})")
     params = mj.init_params(config, seed=args.seed)
     n_params = sum(a.size for a in jax.tree.leaves(params))
-    with tempfile.TemporaryDirectory(prefix="mixtral-jax-demo-") as folder:
-        write_hf(folder, config, params)
-        shutil.copy(tok.path, os.path.join(folder, "tokenizer.model"))
+    with tempfile.TemporaryDirectory(prefix="mixtral-jax-demo-") as tmp:
+        folder = os.path.join(tmp, "model")
+        items = [("globals", params)] + [(f"layers_{i}", params[f"layers_{i}"])
+                                         for i in range(config.n_layers)]
+        write_folder(folder, config, items, "hf", np.float32, tokenizer=tok.path)
         n_files = len([f for f in os.listdir(folder) if f.endswith(".safetensors")])
         print(f"made a random {config.n_experts}-expert top-{config.top_k} Mixtral "
               f"({config.n_layers} layers, d_model {config.d_model}, vocab {config.vocab_size}; "
@@ -84,15 +86,68 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_convert(args) -> int:
+    from mixtral_convert import convert
+
+    summary = convert(args.src, args.out, dtype=args.dtype, allow_pickle=args.allow_pickle)
+    print(f"converted {args.src} ({summary['format']}, {summary['bytes'] / 1e9:.3f} GB) to {args.out} "
+          f"({summary['dtype']})")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from mixtral_convert import export
+
+    export(args.ckpt, args.out, fmt=args.format)
+    print(f"exported {args.ckpt} to {args.out} ({args.format})")
+    return 0
+
+
+def cmd_info(args) -> int:
+    from mixtral_convert import info
+
+    d = info(args.path)
+    if args.json:
+        print(json.dumps(d, indent=2))
+        return 0
+    c = d["config"]
+    print(f"{d['path']}: {d['format']} checkpoint, {d['dtype']}, {d['parameters']:,} parameters "
+          f"({d['parameters'] / 1e9:.2f} B), {d['bytes_on_disk'] / 1e9:.3f} GB on disk, "
+          f"tokenizer {'included' if d['tokenizer'] else 'not included'}")
+    print("config: " + ", ".join(f"{k}={v}" for k, v in c.items()))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, description="Mixtral sparse mixture-of-experts in JAX.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress (INFO)")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
     demo = sub.add_parser("demo", help="run the pipeline end to end on a small random model")
     demo.add_argument("--prompt", default="def fibonacci(n):")
     demo.add_argument("--max-new-tokens", type=int, default=16)
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=cmd_demo)
+
+    conv = sub.add_parser("convert", help="PyTorch checkpoint (HF or Mistral folder) -> orbax checkpoint")
+    conv.add_argument("src", help="HF folder (config.json) or Mistral folder (params.json)")
+    conv.add_argument("out", help="new checkpoint folder (must not exist)")
+    conv.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                      help="convert weights to this dtype (default: keep the source's)")
+    conv.add_argument("--allow-pickle", action="store_true",
+                      help="accept .pth/.bin pickles (loaded with torch, weights_only=True)")
+    conv.set_defaults(func=cmd_convert)
+
+    exp = sub.add_parser("export", help="orbax checkpoint -> HF or Mistral folder")
+    exp.add_argument("ckpt")
+    exp.add_argument("out", help="new folder (must not exist)")
+    exp.add_argument("--format", choices=["hf", "mistral"], required=True)
+    exp.set_defaults(func=cmd_export)
+
+    inf = sub.add_parser("info", help="config, parameter count, dtype, size and format of a checkpoint")
+    inf.add_argument("path")
+    inf.add_argument("--json", action="store_true")
+    inf.set_defaults(func=cmd_info)
     return parser
 
 

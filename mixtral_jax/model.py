@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from typing import Any, NamedTuple
 
 import jax
@@ -75,6 +76,11 @@ def param_specs(config: MixtralConfig) -> dict[str, Any]:
 
 def _is_spec(x) -> bool:
     return isinstance(x, ParamSpec)
+
+
+def count_params(config: MixtralConfig) -> int:
+    """Total parameters of the canonical layout."""
+    return sum(math.prod(s.shape) for s in jax.tree.leaves(param_specs(config), is_leaf=_is_spec))
 
 
 def init_params(config: MixtralConfig, seed: int = 0, dtype=jnp.float32) -> dict[str, Any]:
