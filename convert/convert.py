@@ -16,6 +16,7 @@ import shutil
 import sys
 from typing import Any, Iterable, Iterator
 
+import jax.numpy as jnp
 import numpy as np
 
 from mixtral_jax.checkpoint import (MANIFEST, TOKENIZER_FILE, item_names, read_manifest, resolve_dtype,
@@ -92,7 +93,8 @@ def convert(src: str, out: str, *, dtype=None, allow_pickle: bool = False) -> di
     log.info("converting %s (%s, %.2f GB, %s) to %s", src, fmt, total / 1e9, dt, out)
     with atomic_folder(out) as tmp, _progress(total, "convert") as bar:
         for item in items:
-            leaves = {k: v.astype(dt, copy=False) for k, v in read_item(config, source, item).items()}
+            # As jax arrays: orbax then writes without staging a second host copy of the layer.
+            leaves = read_item(config, source, item, lambda a: jnp.asarray(a.astype(dt, copy=False)))
             save_item(tmp, item.name, leaves)
             del leaves
             bar.update(item_nbytes(config, source, item))

@@ -9,7 +9,7 @@ from __future__ import annotations
 import glob
 import json
 import os
-from typing import Iterator, NamedTuple
+from typing import Any, Iterator, NamedTuple
 
 import numpy as np
 
@@ -188,16 +188,23 @@ def item_nbytes(config, source: TensorSource, item: Item) -> int:
     return sum(source.nbytes(k) for e in item.entries for k in entry_keys(config, e, item.layer))
 
 
-def read_item(config, source: TensorSource, item: Item) -> dict[str, np.ndarray]:
-    """The canonical leaves of one planned item, in the source dtype."""
+def read_item(config, source: TensorSource, item: Item, convert_leaf=None) -> dict[str, Any]:
+    """The canonical leaves of one planned item, in the source dtype.
+
+    `convert_leaf` (e.g. cast and move to a device) is applied to each leaf as soon as it is
+    assembled, so at most one leaf exists in both forms at a time.
+    """
     leaves = {}
     for entry in item.entries:
         keys = list(entry_keys(config, entry, item.layer))
-        leaves.update(assemble(config, entry, source.read, keys, item.layer))
+        for leaf, a in assemble(config, entry, source.read, keys, item.layer).items():
+            leaves[leaf] = a if convert_leaf is None else convert_leaf(a)
+            del a
     return leaves
 
 
-def iter_params(config, fmt: str, source: TensorSource) -> Iterator[tuple[Item, dict[str, np.ndarray]]]:
-    """Validate, then yield each item's canonical leaves in turn."""
+def iter_params(config, fmt: str, source: TensorSource,
+                convert_leaf=None) -> Iterator[tuple[Item, dict[str, Any]]]:
+    """Validate, then yield each item's canonical leaves in turn (see `read_item`)."""
     for item in plan(config, fmt, source):
-        yield item, read_item(config, source, item)
+        yield item, read_item(config, source, item, convert_leaf)

@@ -55,6 +55,12 @@ def item_names(config: MixtralConfig) -> list[str]:
     return ["globals"] + [layer_name(i) for i in range(config.n_layers)]
 
 
+def param_items(config: MixtralConfig, params: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """The parameter pytree as (item name, leaves) pairs, in checkpoint item order."""
+    globals_ = {k: v for k, v in params.items() if not k.startswith("layers_")}
+    return [("globals", globals_)] + [(layer_name(i), params[layer_name(i)]) for i in range(config.n_layers)]
+
+
 def item_specs(config: MixtralConfig, item: str) -> dict[str, Any]:
     specs = param_specs(config)
     if item == "globals":
@@ -152,8 +158,9 @@ def load(path, *, dtype=None, mesh=None) -> Model:
     else:
         reader = MixtralConfig.from_hf if fmt == "hf" else MixtralConfig.from_mistral
         config = reader(path)
-        for item, leaves in iter_params(config, fmt, open_source(path, fmt)):
-            _place(params, item.name, {k: jnp.asarray(v.astype(dt, copy=False)) for k, v in leaves.items()})
+        to_device = lambda a: jnp.asarray(a.astype(dt, copy=False))  # noqa: E731
+        for item, leaves in iter_params(config, fmt, open_source(path, fmt), to_device):
+            _place(params, item.name, leaves)
     tok_path = os.path.join(path, TOKENIZER_FILE)
     try:
         tokenizer = Tokenizer(tok_path) if os.path.isfile(tok_path) else None

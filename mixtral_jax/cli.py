@@ -39,6 +39,7 @@ def cmd_demo(args) -> int:
 
     import mixtral_jax as mj
     from mixtral_convert import write_folder
+    from mixtral_jax.checkpoint import param_items
 
     if args.max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
@@ -52,9 +53,7 @@ def cmd_demo(args) -> int:
     n_params = sum(a.size for a in jax.tree.leaves(params))
     with tempfile.TemporaryDirectory(prefix="mixtral-jax-demo-") as tmp:
         folder = os.path.join(tmp, "model")
-        items = [("globals", params)] + [(f"layers_{i}", params[f"layers_{i}"])
-                                         for i in range(config.n_layers)]
-        write_folder(folder, config, items, "hf", np.float32, tokenizer=tok.path)
+        write_folder(folder, config, param_items(config, params), "hf", np.float32, tokenizer=tok.path)
         n_files = len([f for f in os.listdir(folder) if f.endswith(".safetensors")])
         print(f"made a random {config.n_experts}-expert top-{config.top_k} Mixtral "
               f"({config.n_layers} layers, d_model {config.d_model}, vocab {config.vocab_size}; "

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 import mixtral_jax as mj
-from mixtral_convert import SafetensorsFile, write_safetensors
+from mixtral_convert import SafetensorsFile, write_folder, write_safetensors
+from mixtral_jax.checkpoint import param_items
 from conftest import GQA, hf_logits, hf_model
 from tolerances import LOGITS_ATOL
 
@@ -286,9 +287,7 @@ def test_killed_conversion_leaves_no_valid_looking_out(tmp_path):
     config = GQA.replace(n_layers=40)
     params = mj.init_params(config)
     src = tmp_path / "big"
-    items = [("globals", params)] + [(f"layers_{i}", params[f"layers_{i}"]) for i in range(40)]
-    from mixtral_convert import write_folder
-    write_folder(str(src), config, items, "hf", np.float32)
+    write_folder(str(src), config, param_items(config, params), "hf", np.float32)
     out = tmp_path / "out"
     proc = subprocess.Popen(CLI + ["convert", str(src), str(out)], stderr=subprocess.PIPE)
     deadline = time.time() + 120

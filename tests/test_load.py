@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 import mixtral_jax as mj
-from mixtral_convert import CheckpointError, write_hf
+from mixtral_convert import CheckpointError, write_folder
+from mixtral_jax.checkpoint import param_items
 from conftest import GQA, hf_logits, hf_model
 from tolerances import LOGITS_ATOL
 
@@ -53,8 +54,8 @@ def test_write_hf_is_read_back_by_transformers(tmp_path, rng):
     import transformers
 
     params = jax.tree.map(lambda a: a * 10.0 if a.ndim > 1 else a, mj.init_params(GQA, seed=2))
-    write_hf(str(tmp_path), GQA, params)
-    hf_back = transformers.MixtralForCausalLM.from_pretrained(tmp_path, experts_implementation="eager",
+    write_folder(str(tmp_path / "out"), GQA, param_items(GQA, params), "hf", np.float32)
+    hf_back = transformers.MixtralForCausalLM.from_pretrained(tmp_path / "out", experts_implementation="eager",
                                                               attn_implementation="eager")
     tokens = rng.integers(0, GQA.vocab_size, (2, 10))
     np.testing.assert_allclose(np.asarray(mj.forward(GQA, params, tokens)), hf_logits(hf_back, tokens),
@@ -73,7 +74,7 @@ def test_bad_sources(hf, tmp_path):
     _, path = hf
     with pytest.raises(CheckpointError, match="no such file"):
         mj.load(tmp_path / "missing")
-    with pytest.raises(CheckpointError, match="config.json"):
+    with pytest.raises(CheckpointError, match="not a checkpoint folder"):
         mj.load(tmp_path)
     bad = tmp_path / "bad"
     shutil.copytree(path, bad)
