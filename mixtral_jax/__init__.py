@@ -1,13 +1,15 @@
 """mixtral_jax: Mixtral sparse mixture-of-experts in JAX, exact to the reference.
 
-Public API (DESIGN.md §6): MixtralConfig, init_params, init_cache, forward, Model, load, Tokenizer.
+Public API (DESIGN.md §6): MixtralConfig, init_params, init_cache, forward, Model, load, Tokenizer,
+generate, generate_stream.
 """
 
 from .checkpoint import load
 from .config import MixtralConfig
 from .model import Model, forward, init_cache, init_params, param_specs
+from .sampler import generate, generate_stream
 from .tokenizer import Tokenizer
 
-__all__ = ["MixtralConfig", "Model", "Tokenizer", "forward", "init_cache", "init_params", "load",
-           "param_specs"]
+__all__ = ["MixtralConfig", "Model", "Tokenizer", "forward", "generate", "generate_stream", "init_cache",
+           "init_params", "load", "param_specs"]
 __version__ = "0.1.0"

@@ -117,6 +117,203 @@ def cmd_info(args) -> int:
     return 0
 
 
+SAMPLING_FIELDS = ("max_new_tokens", "temperature", "top_k", "top_p", "min_p", "seed")
+
+
+def load_model(args):
+    """The model named by --checkpoint (with its tokenizer, else Mixtral's when the vocabulary fits)."""
+    import mixtral_jax as mj
+    from mixtral_jax.scoring import tokenizer_for
+
+    if args.checkpoint is None:
+        raise UsageError("no built-in demo model yet: pass --checkpoint PATH (an orbax checkpoint from "
+                         "`mixtral-jax convert`, an HF folder or a Mistral folder), or run `mixtral-jax demo`")
+    model = mj.load(args.checkpoint, dtype=args.dtype)
+    try:
+        model.tokenizer = tokenizer_for(model)
+    except ValueError:
+        pass  # token-id inputs still work; text inputs report the missing tokenizer
+    return model
+
+
+def _sampling(args) -> dict:
+    return {name: getattr(args, name) for name in SAMPLING_FIELDS}
+
+
+def _prompt_ids(model, text: str, chat: bool) -> list[int]:
+    if model.tokenizer is None:
+        raise ValueError("this checkpoint has no tokenizer; give token ids instead of text")
+    if chat:
+        return model.tokenizer.encode_chat([{"role": "user", "content": text}])
+    return model.tokenizer.encode(text, bos=True)
+
+
+def _stream_text(model, ids, sampling, out=sys.stdout) -> list[int]:
+    """Print a single row's continuation as it is generated; return its tokens."""
+    from mixtral_jax import generate_stream
+
+    new: list[int] = []
+    printed = ""
+    for step in generate_stream(model, [ids], **sampling):
+        if step[0] is None:
+            break
+        new.append(step[0])
+        text = model.tokenizer.decode(new)
+        if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+            out.write(text[len(printed):])
+            out.flush()
+            printed = text
+    out.write(model.tokenizer.decode(new)[len(printed):] + "\n")
+    return new
+
+
+def cmd_generate(args) -> int:
+    from mixtral_jax import generate
+
+    if (args.prompt is None) == (args.input is None):
+        raise UsageError("give either --prompt TEXT or --input FILE --output FILE")
+    if (args.input is None) != (args.output is None):
+        raise UsageError("--input and --output go together")
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
+    model = load_model(args)
+    if args.input is not None:
+        return _generate_file(model, args)
+    ids = _prompt_ids(model, args.prompt, args.chat)
+    sampling = _sampling(args)
+    if args.stream:
+        _stream_text(model, ids, sampling)
+    else:
+        print(model.tokenizer.decode(generate(model, [ids], **sampling)[0]))
+    return 0
+
+
+def _parse_line(model, line: str, args) -> tuple[list[int], dict]:
+    """One JSONL record -> (prompt ids, sampling); ValueError with the reason when invalid."""
+    from mixtral_jax.sampler import prepare
+
+    try:
+        rec = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"not valid JSON ({e.msg})") from None
+    if not isinstance(rec, dict) or ("prompt" in rec) == ("tokens" in rec):
+        raise ValueError('expected an object with exactly one of "prompt" or "tokens"')
+    unknown = set(rec) - {"prompt", "tokens", *SAMPLING_FIELDS}
+    if unknown:
+        raise ValueError(f"unknown field(s): {', '.join(sorted(unknown))}")
+    if "prompt" in rec:
+        if not isinstance(rec["prompt"], str):
+            raise ValueError('"prompt" must be a string')
+        ids = _prompt_ids(model, rec["prompt"], args.chat)
+    else:
+        ids = rec["tokens"]
+        if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+            raise ValueError('"tokens" must be a list of integers')
+    sampling = {**_sampling(args), **{k: rec[k] for k in SAMPLING_FIELDS if k in rec}}
+    for k, v in sampling.items():
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise ValueError(f"{k} must be a number")
+    prepare(model, [ids], **sampling)  # the same host-side checks as generate
+    return ids, sampling
+
+
+def _generate_file(model, args) -> int:
+    from tqdm import tqdm
+
+    from mixtral_jax import generate
+
+    try:
+        with open(args.input, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"{args.input}: cannot read ({e})") from None
+    results: dict[int, dict] = {}
+    jobs = []
+    for i, line in enumerate(lines):
+        try:
+            jobs.append((i, *_parse_line(model, line, args)))
+        except ValueError as e:
+            results[i] = {"index": i, "error": str(e)}
+    jobs.sort(key=lambda job: len(job[1]))  # similar lengths batch together
+    with tqdm(total=len(jobs), desc="generate", unit="prompt", disable=not sys.stderr.isatty()) as bar:
+        for start in range(0, len(jobs), args.batch_size):
+            batch = jobs[start:start + args.batch_size]
+            per_row = {k: [job[2][k] for job in batch] for k in SAMPLING_FIELDS}
+            outputs = generate(model, [job[1] for job in batch], **per_row)
+            for (i, _, _), tokens in zip(batch, outputs):
+                text = model.tokenizer.decode(tokens) if model.tokenizer is not None else None
+                results[i] = {"index": i, "text": text, "tokens": tokens}
+            bar.update(len(batch))
+    tmp = f"{args.output}.partial-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        for i in range(len(lines)):
+            f.write(json.dumps(results[i], ensure_ascii=False) + "\n")
+    os.replace(tmp, args.output)
+    errors = [r for r in results.values() if "error" in r]
+    for r in errors:
+        print(f"{PROG}: error: {args.input} line {r['index'] + 1}: {r['error']}", file=sys.stderr)
+    return 2 if errors else 0
+
+
+def cmd_chat(args) -> int:
+    model = load_model(args)
+    if model.tokenizer is None:
+        raise UsageError("chat needs a tokenizer; this checkpoint has none")
+    messages: list[dict] = []
+    print("chat with the model; an empty line or Ctrl-D ends", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            break
+        if not line.strip():
+            break
+        messages.append({"role": "user", "content": line})
+        ids = model.tokenizer.encode_chat(messages)
+        room = model.config.max_seq_len - len(ids)
+        if room < 1:
+            raise UsageError(f"the conversation no longer fits the context ({model.config.max_seq_len} tokens)")
+        sampling = dict(_sampling(args), max_new_tokens=min(args.max_new_tokens, room))
+        reply = _stream_text(model, ids, sampling)
+        messages.append({"role": "assistant", "content": model.tokenizer.decode(reply) or " "})
+    return 0
+
+
+def cmd_score(args) -> int:
+    from mixtral_jax.scoring import score_text
+
+    try:
+        with open(args.file, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"{args.file}: cannot read ({e})") from None
+    if not text:
+        raise UsageError(f"{args.file}: empty file")
+    result = score_text(load_model(args), text)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"{args.file}: {result['tokens']} tokens, mean NLL {result['nll']:.4f} nats, "
+              f"perplexity {result['perplexity']:.3f}")
+    return 0
+
+
+def _add_model_args(p) -> None:
+    p.add_argument("--checkpoint", help="orbax checkpoint, HF folder or Mistral folder "
+                                        "(default: the built-in demo model)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                   help="compute dtype (default: float32 on CPU, bfloat16 on GPU/TPU)")
+
+
+def _add_sampling_args(p) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
+    p.add_argument("--top-k", type=int, default=0, help="0 disables")
+    p.add_argument("--top-p", type=float, default=1.0, help="1 disables")
+    p.add_argument("--min-p", type=float, default=0.0, help="0 disables")
+    p.add_argument("--seed", type=int, default=0)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, description="Mixtral sparse mixture-of-experts in JAX.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress (INFO)")
@@ -147,6 +344,30 @@ def build_parser() -> argparse.ArgumentParser:
     inf.add_argument("path")
     inf.add_argument("--json", action="store_true")
     inf.set_defaults(func=cmd_info)
+
+    gen = sub.add_parser("generate", help="continue a prompt, or a JSONL file of prompts")
+    _add_model_args(gen)
+    gen.add_argument("--prompt", help="text to continue (BOS is added)")
+    gen.add_argument("--input", help='JSONL: {"prompt": str} or {"tokens": [int]} per line, '
+                                     "with optional per-line sampling fields")
+    gen.add_argument("--output", help='JSONL results in input order: {"index", "text", "tokens"} or '
+                                      '{"index", "error"}')
+    gen.add_argument("--chat", action="store_true", help="wrap each prompt as a user turn ([INST] format)")
+    gen.add_argument("--stream", action="store_true", help="print tokens as they are generated")
+    gen.add_argument("--batch-size", type=int, default=8, help="prompts per batch with --input")
+    _add_sampling_args(gen)
+    gen.set_defaults(func=cmd_generate)
+
+    chat = sub.add_parser("chat", help="interactive multi-turn chat ([INST] format), streaming")
+    _add_model_args(chat)
+    _add_sampling_args(chat)
+    chat.set_defaults(func=cmd_chat)
+
+    score = sub.add_parser("score", help="tokens, mean NLL and perplexity of a text file")
+    _add_model_args(score)
+    score.add_argument("file")
+    score.add_argument("--json", action="store_true", help='print {"tokens", "nll", "perplexity"}')
+    score.set_defaults(func=cmd_score)
     return parser
 
 

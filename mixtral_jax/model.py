@@ -211,7 +211,11 @@ def _report_dropped(dropped, capacity_factor):
 
 def decoder(config: MixtralConfig, params, tokens, lengths, cache, *, moe_strategy="auto",
             capacity_factor=None, group_size=DEFAULT_GROUP_SIZE):
-    """The traced body of `forward`: returns (logits, cache or None, router logits, dropped)."""
+    """The traced body of `forward` without the output projection.
+
+    Returns:
+      (hidden [B, T, D] after the final norm, cache or None, router logits [L, B, T, E], dropped).
+    """
     b, t = tokens.shape
     new_len = jnp.full((b,), t, jnp.int32) if lengths is None else lengths
     offset = jnp.zeros((b,), jnp.int32) if cache is None else cache["lengths"]
@@ -254,11 +258,20 @@ def decoder(config: MixtralConfig, params, tokens, lengths, cache, *, moe_strate
         router_logits.append(logits_i.reshape(b, t, -1))
         dropped = dropped + dropped_i
     x = rms_norm(x, params["final_norm"], config.norm_eps)
-    logits = jnp.einsum("btd,dv->btv", x, params["lm_head"]).astype(jnp.float32)  # [B, T, V]
-    return logits, new_cache, jnp.stack(router_logits), dropped
+    return x, new_cache, jnp.stack(router_logits), dropped
 
 
-_forward_jit = jax.jit(decoder, static_argnames=("moe_strategy", "capacity_factor", "group_size"))
+def lm_head(params, x: jax.Array) -> jax.Array:
+    """float32 logits [..., V] of final hidden states [..., D]."""
+    return jnp.einsum("...d,dv->...v", x, params["lm_head"]).astype(jnp.float32)
+
+
+def _forward_all(config, params, tokens, lengths, cache, **kwargs):
+    x, cache, router_logits, dropped = decoder(config, params, tokens, lengths, cache, **kwargs)
+    return lm_head(params, x), cache, router_logits, dropped
+
+
+_forward_jit = jax.jit(_forward_all, static_argnames=("moe_strategy", "capacity_factor", "group_size"))
 
 
 @dataclasses.dataclass

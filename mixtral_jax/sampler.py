@@ -1,0 +1,289 @@
+"""Generation: prefill, then a `lax.while_loop` of decode steps, all inside one jit.
+
+Prompts are right-padded into one batch and padded in length to a few buckets (powers of two), so
+a sweep of prompt lengths compiles a handful of programs. Sampling parameters are per-row traced
+arrays: changing temperature, top-k/p, min-p, seeds or stop tokens compiles nothing. Each row's
+random stream depends only on its own seed and step, so a row's output does not depend on what it
+is batched with.
+
+Filters apply in HF's order: temperature, top-k, top-p, min-p. Temperature 0 is greedy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Iterator, Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .model import Model, decoder, init_cache, lm_head
+
+MIN_BUCKET = 16
+DEFAULT_EOS = 2  # Mixtral's </s>, for models without a tokenizer
+
+
+@flax.struct.dataclass
+class SamplingParams:
+    """Per-row sampling parameters (all [B])."""
+    temperature: jax.Array
+    top_k: jax.Array
+    top_p: jax.Array
+    min_p: jax.Array
+
+
+@flax.struct.dataclass
+class DecodeState:
+    """The loop carry: everything one decode step reads and writes."""
+    cache: Any                 # KV cache
+    last: jax.Array            # [B] the token fed to the next step
+    step: jax.Array            # () number of tokens generated so far (loop counter)
+    done: jax.Array            # [B] row has emitted a stop token or its max_new_tokens
+    n_new: jax.Array           # [B] tokens generated per row
+    tokens: jax.Array          # [B, N] generated tokens
+    logprobs: jax.Array        # [B, N] log-softmax of the raw logits at each chosen token
+
+
+def bucket(n: int, minimum: int = MIN_BUCKET) -> int:
+    """The smallest power of two >= max(n, minimum)."""
+    return max(minimum, 1 << max(0, int(n) - 1).bit_length())
+
+
+def filter_logits(logits: jax.Array, p: SamplingParams) -> jax.Array:
+    """Temperature, top-k, top-p, min-p (HF's order and tie rules); removed tokens get -inf.
+
+    Args:
+      logits: [B, V] float32.
+      p: per-row parameters; top_k 0 and top_p 1 and min_p 0 disable their filters.
+    Returns:
+      [B, V] float32 filtered, temperature-scaled logits (for temperature 0 rows: scaled by 1).
+    """
+    neg = jnp.finfo(jnp.float32).min
+    temp = jnp.where(p.temperature > 0, p.temperature, 1.0)[:, None]
+    x = logits / temp
+    desc = jnp.sort(x, axis=-1)[:, ::-1]                                   # [B, V]
+    k = jnp.clip(p.top_k, 1, x.shape[-1])
+    kth = jnp.take_along_axis(desc, (k - 1)[:, None], axis=-1)             # ties at the k-th stay
+    x = jnp.where((p.top_k[:, None] > 0) & (x < kth), neg, x)
+    # top-p: drop the least likely tokens whose cumulative probability stays <= 1 - top_p.
+    asc = jnp.sort(x, axis=-1)
+    cum = jnp.cumsum(jax.nn.softmax(asc, axis=-1), axis=-1)
+    remove = cum <= (1.0 - p.top_p)[:, None]
+    remove = remove.at[:, -1].set(False)                                   # keep at least one
+    n_removed = jnp.sum(remove, axis=-1)
+    cutoff = jnp.take_along_axis(asc, jnp.maximum(n_removed - 1, 0)[:, None], axis=-1)
+    x = jnp.where((n_removed[:, None] > 0) & (x <= cutoff), neg, x)
+    # min-p: drop tokens less likely than min_p times the most likely one.
+    probs = jax.nn.softmax(x, axis=-1)
+    x = jnp.where(probs < p.min_p[:, None] * jnp.max(probs, axis=-1, keepdims=True), neg, x)
+    return x
+
+
+def sample(logits: jax.Array, p: SamplingParams, keys: jax.Array) -> jax.Array:
+    """One token per row: argmax where temperature is 0, else a draw from the filtered logits.
+
+    Args:
+      logits: [B, V] float32 raw logits.
+      p: per-row parameters.
+      keys: [B] PRNG keys.
+    Returns:
+      [B] int32 tokens.
+    """
+    filtered = filter_logits(logits, p)
+    drawn = jax.vmap(jax.random.categorical)(keys, filtered)
+    return jnp.where(p.temperature > 0, drawn, jnp.argmax(logits, axis=-1)).astype(jnp.int32)
+
+
+def _choose(state: DecodeState, logits, p, seeds, stop, max_new) -> DecodeState:
+    """Sample the next token of every row from `logits` [B, V] and record it."""
+    keys = jax.vmap(lambda s: jax.random.fold_in(jax.random.key(s), state.step))(seeds)
+    token = sample(logits, p, keys)
+    logprob = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), token[:, None], axis=-1)[:, 0]
+    live = ~state.done
+    n_new = state.n_new + live
+    done = state.done | (live & (jnp.isin(token, stop) | (n_new >= max_new)))
+    col = jnp.minimum(state.step, state.tokens.shape[1] - 1)
+    return state.replace(
+        last=token, step=state.step + 1, done=done, n_new=n_new,
+        tokens=state.tokens.at[:, col].set(jnp.where(live, token, state.tokens[:, col])),
+        logprobs=state.logprobs.at[:, col].set(jnp.where(live, logprob, 0.0)))
+
+
+def prefill(config, params, tokens, lengths, p, seeds, stop, max_new, *, cache_len: int,
+            out_len: int) -> DecodeState:
+    """Run the prompts through the model and choose each row's first new token.
+
+    Args:
+      tokens: [B, T] right-padded prompts; lengths: [B] their lengths.
+      p: SamplingParams; seeds: [B] uint32; stop: [n] stop tokens (-1 pads); max_new: [B].
+      cache_len: KV cache slots (static); out_len: generated-token buffer width (static).
+    """
+    b = tokens.shape[0]
+    cache = init_cache(config, b, cache_len, dtype=params["embed"].dtype)
+    hidden, cache, _, _ = decoder(config, params, tokens, lengths, cache)
+    last_hidden = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)[:, 0]  # [B, D]
+    state = DecodeState(cache=cache, last=jnp.zeros((b,), jnp.int32), step=jnp.zeros((), jnp.int32),
+                        done=jnp.zeros((b,), bool), n_new=jnp.zeros((b,), jnp.int32),
+                        tokens=jnp.zeros((b, out_len), jnp.int32),
+                        logprobs=jnp.zeros((b, out_len), jnp.float32))
+    return _choose(state, lm_head(params, last_hidden), p, seeds, stop, max_new)
+
+
+def decode_step(config, params, state: DecodeState, p, seeds, stop, max_new) -> DecodeState:
+    """Feed each row's last token and choose the next one."""
+    hidden, cache, _, _ = decoder(config, params, state.last[:, None], None, state.cache)
+    return _choose(state.replace(cache=cache), lm_head(params, hidden[:, 0]), p, seeds, stop, max_new)
+
+
+def _generate(config, params, tokens, lengths, p, seeds, stop, max_new, *, cache_len, out_len):
+    state = prefill(config, params, tokens, lengths, p, seeds, stop, max_new,
+                    cache_len=cache_len, out_len=out_len)
+    return jax.lax.while_loop(
+        lambda s: ~jnp.all(s.done),
+        lambda s: decode_step(config, params, s, p, seeds, stop, max_new), state)
+
+
+_generate_jit = jax.jit(_generate, static_argnames=("cache_len", "out_len"))
+_prefill_jit = jax.jit(prefill, static_argnames=("cache_len", "out_len"))
+_step_jit = jax.jit(decode_step, donate_argnames=("state",))
+
+
+def compiled_programs() -> int:
+    """How many programs the sampler's jitted functions have compiled in this process."""
+    return sum(f._cache_size() for f in (_generate_jit, _prefill_jit, _step_jit))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Batch:
+    """Validated, host-side (numpy) inputs of one generate call."""
+    tokens: np.ndarray
+    lengths: np.ndarray
+    params: SamplingParams
+    seeds: np.ndarray
+    stop: np.ndarray
+    max_new: np.ndarray
+    cache_len: int
+    out_len: int
+
+
+def _per_row(name: str, value, n: int, dtype) -> np.ndarray:
+    arr = np.asarray(value, dtype=np.float64)
+    if arr.ndim == 0:
+        arr = np.full(n, arr)
+    if arr.shape != (n,):
+        raise ValueError(f"{name} must be a scalar or one value per prompt ({n}), got {np.shape(value)}")
+    if np.issubdtype(dtype, np.integer) and np.any(arr != np.round(arr)):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    return arr.astype(dtype)
+
+
+def prepare(model: Model, prompts, *, max_new_tokens, temperature=0.0, top_k=0, top_p=1.0, min_p=0.0,
+            stop_tokens=None, seed=0) -> _Batch:
+    """Validate everything on the host (ValueError naming the value) and build padded arrays."""
+    config = model.config
+    if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence) or not prompts:
+        raise ValueError("prompts must be a non-empty list of strings or of token-id lists")
+    ids = []
+    for i, prompt in enumerate(prompts):
+        if isinstance(prompt, str):
+            if model.tokenizer is None:
+                raise ValueError("string prompts need a model with a tokenizer; pass token ids")
+            prompt = model.tokenizer.encode(prompt, bos=True)
+        prompt = np.asarray(prompt)
+        if prompt.ndim != 1 or prompt.size == 0:
+            raise ValueError(f"prompt {i} is empty or not a flat list of token ids")
+        if not np.issubdtype(prompt.dtype, np.integer):
+            raise ValueError(f"prompt {i} must hold integer token ids")
+        if prompt.min() < 0 or prompt.max() >= config.vocab_size:
+            bad = prompt.min() if prompt.min() < 0 else prompt.max()
+            raise ValueError(f"prompt {i}: token id {bad} out of range [0, {config.vocab_size})")
+        ids.append(prompt)
+    n = len(ids)
+    max_new = _per_row("max_new_tokens", max_new_tokens, n, np.int32)
+    if np.any(max_new < 1):
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens!r}")
+    temperature = _per_row("temperature", temperature, n, np.float32)
+    top_k = _per_row("top_k", top_k, n, np.int32)
+    top_p = _per_row("top_p", top_p, n, np.float32)
+    min_p = _per_row("min_p", min_p, n, np.float32)
+    seeds = _per_row("seed", seed, n, np.int64)
+    for name, arr, ok in (("temperature", temperature, temperature >= 0), ("top_k", top_k, top_k >= 0),
+                          ("top_p", top_p, (top_p > 0) & (top_p <= 1)),
+                          ("min_p", min_p, (min_p >= 0) & (min_p <= 1)),
+                          ("seed", seeds, (seeds >= 0) & (seeds < 2**32))):
+        if not np.all(ok & np.isfinite(arr)):
+            raise ValueError(f"{name} out of range: {arr[~(ok & np.isfinite(arr))][0]}")
+    lengths = np.array([len(p) for p in ids], np.int32)
+    longest = int(np.max(lengths + max_new))
+    if longest > config.max_seq_len:
+        raise ValueError(f"prompt length + max_new_tokens = {longest} exceeds the context "
+                         f"(max_seq_len {config.max_seq_len})")
+    if stop_tokens is None:
+        stop_tokens = [model.tokenizer.eos_id if model.tokenizer is not None else DEFAULT_EOS]
+    stop = np.asarray(list(stop_tokens), np.int64).reshape(-1)
+    if stop.size and (stop.min() < 0 or stop.max() >= config.vocab_size):
+        raise ValueError(f"stop token out of range [0, {config.vocab_size}): {stop_tokens!r}")
+    stop = np.pad(stop, (0, bucket(stop.size, 4) - stop.size), constant_values=-1).astype(np.int32)
+    t = bucket(int(lengths.max()))
+    tokens = np.zeros((n, t), np.int32)
+    for b, p in enumerate(ids):
+        tokens[b, :len(p)] = p
+    out_len = bucket(int(max_new.max()))
+    cache_len = min(t + out_len, config.max_seq_len)
+    return _Batch(tokens, lengths, SamplingParams(temperature, top_k, top_p, min_p),
+                  seeds.astype(np.uint32), stop, max_new, cache_len, out_len)
+
+
+def _rows(state: DecodeState, logprobs: bool):
+    n_new = np.asarray(state.n_new)
+    tokens = [row[:k].tolist() for row, k in zip(np.asarray(state.tokens), n_new)]
+    if not logprobs:
+        return tokens
+    return tokens, [row[:k].tolist() for row, k in zip(np.asarray(state.logprobs), n_new)]
+
+
+def generate(model: Model, prompts, *, max_new_tokens, temperature=0.0, top_k=0, top_p=1.0, min_p=0.0,
+             stop_tokens=None, seed=0, logprobs: bool = False):
+    """Generate continuations of a batch of prompts.
+
+    Args:
+      model: a Model (config, params, tokenizer).
+      prompts: token-id lists, or strings (need `model.tokenizer`; BOS is added).
+      max_new_tokens: scalar or per prompt, >= 1.
+      temperature, top_k, top_p, min_p, seed: scalars or one value per prompt. temperature 0 is
+        greedy; top_k 0, top_p 1 and min_p 0 disable their filters.
+      stop_tokens: token ids that end a row (included in its output); None for EOS.
+      logprobs: also return each chosen token's log-probability under the raw logits.
+    Returns:
+      Per prompt, its new token ids (ending at and including the first stop token); with
+      `logprobs=True`, `(tokens, logprobs)`.
+    """
+    b = prepare(model, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                top_p=top_p, min_p=min_p, stop_tokens=stop_tokens, seed=seed)
+    state = _generate_jit(model.config, model.params, b.tokens, b.lengths, b.params, b.seeds, b.stop,
+                          b.max_new, cache_len=b.cache_len, out_len=b.out_len)
+    return _rows(state, logprobs)
+
+
+def generate_stream(model: Model, prompts, *, max_new_tokens, temperature=0.0, top_k=0, top_p=1.0,
+                    min_p=0.0, stop_tokens=None, seed=0, logprobs: bool = False) -> Iterator[list]:
+    """Like `generate`, yielding after each step a list with each row's new token, or None for rows
+    that have already stopped (with `logprobs=True`, `(token, logprob)` pairs). Driven by the same
+    prefill and decode step as `generate`, with the cache donated between steps."""
+    b = prepare(model, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                top_p=top_p, min_p=min_p, stop_tokens=stop_tokens, seed=seed)
+    args = (b.params, b.seeds, b.stop, b.max_new)
+    state = _prefill_jit(model.config, model.params, b.tokens, b.lengths, *args,
+                         cache_len=b.cache_len, out_len=b.out_len)
+    prev_done = np.zeros(len(b.lengths), bool)
+    while True:
+        last, done, step = np.asarray(state.last), np.asarray(state.done), int(state.step)
+        lp = np.asarray(state.logprobs[:, min(step - 1, b.out_len - 1)]) if logprobs else None
+        yield [None if prev_done[r] else ((int(last[r]), float(lp[r])) if logprobs else int(last[r]))
+               for r in range(len(last))]
+        if done.all():
+            return
+        prev_done = done
+        state = _step_jit(model.config, model.params, state, *args)

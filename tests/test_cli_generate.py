@@ -1,0 +1,151 @@
+"""The generate / chat / score commands, and scoring against HF perplexity."""
+
+import json
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import mixtral_jax as mj
+from mixtral_jax.scoring import score_tokens
+from conftest import hf_model
+
+# Mixtral's vocabulary, so the checkpoint without a tokenizer falls back to the v1 tokenizer.
+CONFIG = mj.MixtralConfig(vocab_size=32000, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8,
+                          d_ff=48, max_seq_len=128)
+CLI = [sys.executable, "-m", "mixtral_jax.cli"]
+TEXT = "The quick brown fox jumps over the lazy dog. Ça va? 🙂\n" * 3
+
+
+def cli(*args, rc=0, stdin=None):
+    proc = subprocess.run(CLI + [str(a) for a in args], capture_output=True, text=True, input=stdin)
+    assert proc.returncode == rc, (proc.returncode, proc.stderr)
+    if rc == 2:
+        lines = proc.stderr.strip().splitlines()
+        assert lines and "Traceback" not in proc.stderr, proc.stderr
+    return proc
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    model = hf_model(CONFIG, seed=4, std=0.05)
+    path = tmp_path_factory.mktemp("hf")
+    model.save_pretrained(path)
+    return model, path
+
+
+def hf_nll(model, ids):
+    import torch
+
+    with torch.inference_mode():
+        logits = model(torch.tensor([ids])).logits[0].double()
+    logp = torch.log_softmax(logits, -1)
+    return -logp[torch.arange(len(ids) - 1), torch.tensor(ids[1:])].numpy()
+
+
+def test_score_equals_hf_perplexity(ckpt, tmp_path):
+    model, path = ckpt
+    f = tmp_path / "text.txt"
+    f.write_text(TEXT, encoding="utf-8")
+    got = json.loads(cli("score", f, "--checkpoint", path, "--json").stdout)
+    ids = mj.Tokenizer().encode(TEXT, bos=True)
+    nll = hf_nll(model, ids)
+    assert got["tokens"] == len(ids) - 1
+    assert abs(got["perplexity"] / math.exp(nll.mean()) - 1) <= 1e-4
+    assert abs(got["nll"] / nll.mean() - 1) <= 1e-4
+    assert "perplexity" in cli("score", f, "--checkpoint", path).stdout
+
+
+def test_windowed_score_keeps_half_a_window_of_context(ckpt):
+    model, path = ckpt
+    ours = mj.load(path)
+    ids = np.random.default_rng(0).integers(3, 32000, 300).tolist()
+    window = 64
+    got = score_tokens(ours, ids, window=window)
+    # Reference: each token after the first window scored by HF with the window ending at it.
+    expected, end, scored = [], 0, 1
+    while scored < len(ids):
+        end = min(len(ids), window if end == 0 else end + window // 2)
+        start = max(0, end - window)
+        nll = hf_nll(model, ids[start:end])
+        expected += list(nll[scored - start - 1:])
+        scored = end
+    assert len(expected) == len(ids) - 1 == got["tokens"]
+    assert abs(got["nll"] / np.mean(expected) - 1) <= 1e-4
+    assert abs(score_tokens(ours, ids[:60], window=64)["nll"] / hf_nll(model, ids[:60]).mean() - 1) <= 1e-4
+
+
+def test_generate_prompt_and_stream_agree(ckpt):
+    _, path = ckpt
+    out = cli("generate", "--checkpoint", path, "--prompt", "def fibonacci(n):", "--max-new-tokens", 12).stdout
+    streamed = cli("generate", "--checkpoint", path, "--prompt", "def fibonacci(n):", "--max-new-tokens", 12,
+                   "--stream").stdout
+    model = mj.load(path)
+    tok = mj.Tokenizer()
+    ids = mj.generate(model, [tok.encode("def fibonacci(n):")], max_new_tokens=12)[0]
+    assert out == streamed == tok.decode(ids) + "\n"
+
+
+def test_generate_chat_flag_uses_the_inst_template(ckpt):
+    _, path = ckpt
+    model = mj.load(path)
+    tok = mj.Tokenizer()
+    ids = mj.generate(model, [tok.encode_chat([{"role": "user", "content": "Hi"}])], max_new_tokens=6)[0]
+    out = cli("generate", "--checkpoint", path, "--prompt", "Hi", "--chat", "--max-new-tokens", 6).stdout
+    assert out == tok.decode(ids) + "\n"
+
+
+def test_batch_file_keeps_order_and_reports_bad_lines(ckpt, tmp_path):
+    _, path = ckpt
+    lines = ['{"prompt": "Hello there"}', '{"tokens": [1, 5, 40000]}', "not json",
+             '{"tokens": [1, 2, 3], "temperature": 0.5, "max_new_tokens": 3, "seed": 4}',
+             '{"prompt": "A much longer prompt that sorts last in its batch, surely", "top_p": 0}',
+             '{"prompt": "x", "max_new_tokens": 500}', '{"prompt": "Short"}']
+    src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text("\n".join(lines) + "\n")
+    proc = cli("generate", "--checkpoint", path, "--input", src, "--output", dst, "--max-new-tokens", 5,
+               "--batch-size", 2, rc=2)
+    out = [json.loads(x) for x in dst.read_text().splitlines()]
+    assert [r["index"] for r in out] == list(range(7))
+    assert [("error" in r) for r in out] == [False, True, True, False, True, True, False]
+    assert "out of range" in out[1]["error"] and "top_p" in out[4]["error"]
+    assert "exceeds the context" in out[5]["error"]
+    assert len(proc.stderr.strip().splitlines()) == 4
+    model, tok = mj.load(path), mj.Tokenizer()
+    alone = mj.generate(model, [tok.encode("Hello there")], max_new_tokens=5)[0]
+    assert out[0]["tokens"] == alone and out[0]["text"] == tok.decode(alone)
+    assert out[3]["tokens"] == mj.generate(model, [[1, 2, 3]], max_new_tokens=3, temperature=0.5, seed=4)[0]
+
+
+def test_chat_streams_replies(ckpt):
+    _, path = ckpt
+    proc = cli("chat", "--checkpoint", path, "--max-new-tokens", 5, stdin="Hello\nAnd again\n")
+    assert proc.stdout.count("> ") >= 2 and len(proc.stdout) > 10
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--max-new-tokens", "0"], "max_new_tokens"), (["--temperature", "-1"], "temperature"),
+    (["--top-p", "0"], "top_p"), (["--top-p", "1.5"], "top_p"), (["--top-k", "-2"], "top_k"),
+    (["--min-p", "2"], "min_p"), (["--max-new-tokens", "200"], "exceeds the context"),
+    (["--prompt", "word " * 200], "exceeds the context"),
+])
+def test_generate_rejects_bad_values_with_one_line(ckpt, args, message):
+    _, path = ckpt
+    base = ["generate", "--checkpoint", path]
+    if "--prompt" not in args:
+        base += ["--prompt", "hello"]
+    proc = cli(*base, *args, rc=2)
+    assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("args, message", [
+    (["generate", "--prompt", "hi"], "demo model"),
+    (["generate", "--checkpoint", "/nonexistent", "--prompt", "hi"], "no such file"),
+    (["generate", "--checkpoint", ".", "--prompt", "hi", "--input", "x.jsonl"], "either --prompt"),
+    (["score", "/nonexistent.txt", "--checkpoint", "."], "cannot read"),
+    (["generate", "--prompt", "hi", "--bogus"], "unrecognized"),
+])
+def test_usage_errors(args, message):
+    assert message in cli(*args, rc=2).stderr
