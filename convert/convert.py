@@ -94,7 +94,7 @@ def convert(src: str, out: str, *, dtype=None, allow_pickle: bool = False) -> di
     with atomic_folder(out) as tmp, _progress(total, "convert") as bar:
         for item in items:
             # As jax arrays: orbax then writes without staging a second host copy of the layer.
-            leaves = read_item(config, source, item, lambda a: jnp.asarray(a.astype(dt, copy=False)))
+            leaves = read_item(config, source, item, lambda _i, _l, a: jnp.asarray(a.astype(dt, copy=False)))
             save_item(tmp, item.name, leaves)
             del leaves
             bar.update(item_nbytes(config, source, item))

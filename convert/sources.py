@@ -191,14 +191,14 @@ def item_nbytes(config, source: TensorSource, item: Item) -> int:
 def read_item(config, source: TensorSource, item: Item, convert_leaf=None) -> dict[str, Any]:
     """The canonical leaves of one planned item, in the source dtype.
 
-    `convert_leaf` (e.g. cast and move to a device) is applied to each leaf as soon as it is
-    assembled, so at most one leaf exists in both forms at a time.
+    `convert_leaf(item name, leaf name, array)` (e.g. cast and move to devices) is applied to each
+    leaf as soon as it is assembled, so at most one leaf exists in both forms at a time.
     """
     leaves = {}
     for entry in item.entries:
         keys = list(entry_keys(config, entry, item.layer))
         for leaf, a in assemble(config, entry, source.read, keys, item.layer).items():
-            leaves[leaf] = a if convert_leaf is None else convert_leaf(a)
+            leaves[leaf] = a if convert_leaf is None else convert_leaf(item.name, leaf, a)
             del a
     return leaves
 

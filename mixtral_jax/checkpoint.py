@@ -13,6 +13,7 @@ One orbax item per layer keeps conversion and restore at about one layer of host
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 import os
@@ -24,6 +25,7 @@ import numpy as np
 
 from .config import MixtralConfig
 from .model import Model, ParamSpec, default_dtype, layer_name, param_specs
+from .sharding import sharding_for
 from .tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -118,6 +120,18 @@ def restore_item(folder: str, config: MixtralConfig, item: str, dtype, sharding=
     return _checkpointer().restore(os.path.join(os.path.abspath(folder), "params", item), abstract)
 
 
+def release_freed_memory() -> None:
+    """Return freed heap pages to the OS (glibc `malloc_trim`; a no-op elsewhere).
+
+    Restoring layer after layer frees a layer-sized host staging buffer each time; without this,
+    glibc keeps those pages and resident memory grows by tens of MB per layer.
+    """
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def _place(params: dict[str, Any], item: str, leaves: dict[str, Any]) -> None:
     """Put an item's leaves into the nested layout (the globals sit at the top level)."""
     if item == "globals":
@@ -135,7 +149,11 @@ def load(path, *, dtype=None, mesh=None) -> Model:
         (params.json + consolidated.safetensors). Tensors are read one at a time, without torch.
       dtype: "float32", "bfloat16", "float16" or a jnp dtype; None for float32 on CPU and
         bfloat16 on GPU/TPU.
-      mesh: reserved for sharded loading (issue 5); must be None for now.
+      mesh: a `make_mesh` mesh to place every parameter on, split per its logical axes (experts
+        over `expert`, heads/ffw/vocab over `tensor`). Project checkpoints are restored straight
+        into those shardings (each device reads only its slice); HF/Mistral folders are read one
+        layer at a time on the host and then placed. In a multi-process run every process calls
+        `load` with the same mesh.
     Returns:
       Model with `.config`, `.params` (canonical layout) and `.tokenizer` (from the folder's
       tokenizer.model, or None).
@@ -144,23 +162,33 @@ def load(path, *, dtype=None, mesh=None) -> Model:
     """
     from mixtral_convert import CheckpointError, detect_format, iter_params, open_source
 
-    if mesh is not None:
-        raise NotImplementedError("loading onto a mesh is not supported yet")
     dt = resolve_dtype(dtype)
     path = os.fspath(path)
     fmt = detect_format(path)
-    log.info("loading %s (%s checkpoint) as %s", path, fmt, dt)
+    log.info("loading %s (%s checkpoint) as %s%s", path, fmt, dt, "" if mesh is None else f" onto {mesh}")
     params: dict[str, Any] = {}
     if fmt == "orbax":
         config = read_manifest(path)["config"]
+        shard = None if mesh is None else (lambda spec: sharding_for(spec.shape, spec.axes, mesh))
         for item in item_names(config):
-            _place(params, item, {k: jnp.asarray(v) for k, v in restore_item(path, config, item, dt).items()})
+            leaves = restore_item(path, config, item, dt, shard)
+            _place(params, item, leaves if mesh is not None else {k: jnp.asarray(v) for k, v in leaves.items()})
+            release_freed_memory()
     else:
-        reader = MixtralConfig.from_hf if fmt == "hf" else MixtralConfig.from_mistral
-        config = reader(path)
-        to_device = lambda a: jnp.asarray(a.astype(dt, copy=False))  # noqa: E731
-        for item, leaves in iter_params(config, fmt, open_source(path, fmt), to_device):
+        config = (MixtralConfig.from_hf if fmt == "hf" else MixtralConfig.from_mistral)(path)
+        specs = param_specs(config)
+
+        def put(item: str, leaf: str, a: np.ndarray):
+            a = a.astype(dt, copy=False)
+            if mesh is None:
+                return jnp.asarray(a)
+            spec = specs[leaf] if item == "globals" else specs[item][leaf]
+            return jax.make_array_from_callback(a.shape, sharding_for(spec.shape, spec.axes, mesh),
+                                                lambda index: a[index])
+
+        for item, leaves in iter_params(config, fmt, open_source(path, fmt), put):
             _place(params, item.name, leaves)
+            release_freed_memory()
     tok_path = os.path.join(path, TOKENIZER_FILE)
     try:
         tokenizer = Tokenizer(tok_path) if os.path.isfile(tok_path) else None

@@ -128,7 +128,12 @@ def load_model(args):
     if args.checkpoint is None:
         raise UsageError("no built-in demo model yet: pass --checkpoint PATH (an orbax checkpoint from "
                          "`mixtral-jax convert`, an HF folder or a Mistral folder), or run `mixtral-jax demo`")
-    model = mj.load(args.checkpoint, dtype=args.dtype)
+    mesh = None
+    if args.mesh:
+        from mixtral_jax.sharding import make_mesh, parse_mesh
+
+        mesh = make_mesh(**parse_mesh(args.mesh))
+    model = mj.load(args.checkpoint, dtype=args.dtype, mesh=mesh)
     try:
         model.tokenizer = tokenizer_for(model)
     except ValueError:
@@ -217,6 +222,12 @@ def _parse_line(model, line: str, args) -> tuple[list[int], dict]:
     return ids, sampling
 
 
+def _is_main_process() -> bool:
+    import jax
+
+    return jax.process_index() == 0
+
+
 def _generate_file(model, args) -> int:
     from tqdm import tqdm
 
@@ -244,11 +255,12 @@ def _generate_file(model, args) -> int:
                 text = model.tokenizer.decode(tokens) if model.tokenizer is not None else None
                 results[i] = {"index": i, "text": text, "tokens": tokens}
             bar.update(len(batch))
-    tmp = f"{args.output}.partial-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for i in range(len(lines)):
-            f.write(json.dumps(results[i], ensure_ascii=False) + "\n")
-    os.replace(tmp, args.output)
+    if _is_main_process():
+        tmp = f"{args.output}.partial-{os.getpid()}"
+        with open(tmp, "w", encoding="utf-8") as f:
+            for i in range(len(lines)):
+                f.write(json.dumps(results[i], ensure_ascii=False) + "\n")
+        os.replace(tmp, args.output)
     errors = [r for r in results.values() if "error" in r]
     for r in errors:
         print(f"{PROG}: error: {args.input} line {r['index'] + 1}: {r['error']}", file=sys.stderr)
@@ -298,11 +310,77 @@ def cmd_score(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    import mixtral_jax as mj
+    from mixtral_jax.plan import parse_bytes, plan_memory
+    from mixtral_jax.sharding import parse_mesh
+
+    if (args.preset is None) == (args.checkpoint is None):
+        raise UsageError("give either --preset NAME or --checkpoint PATH")
+    if args.preset is not None:
+        config = mj.MixtralConfig.preset(args.preset)
+    else:
+        from mixtral_convert import info
+
+        config = mj.MixtralConfig.from_dict(info(args.checkpoint)["config"])
+    sizes = parse_mesh(args.mesh)
+    device_memory = parse_bytes(args.device_memory) if args.device_memory else None
+    p = plan_memory(config, sizes, dtype=args.dtype, batch=args.batch, max_seq_len=args.max_seq_len,
+                    prompt_len=args.prompt_len)
+    result = {"mesh": sizes, "devices": sizes["data"] * sizes["expert"] * sizes["tensor"], "dtype": args.dtype,
+              "batch": args.batch, "max_seq_len": args.max_seq_len or config.max_seq_len,
+              "per_device_bytes": p, "device_memory": device_memory,
+              "fits": None if device_memory is None else p["total"] <= device_memory}
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    gb = lambda n: f"{n / 1e9:8.2f} GB"  # noqa: E731
+    mesh_text = ",".join(f"{k}={v}" for k, v in sizes.items())
+    print(f"per-device memory, {args.dtype}, mesh {mesh_text} ({result['devices']} devices), batch "
+          f"{args.batch}, KV cache {result['max_seq_len']} tokens per row:")
+    for group, n in p["weights"].items():
+        print(f"  weights: {group:<14}{gb(n)}")
+    print(f"  weights total         {gb(p['weights_total'])}")
+    print(f"  KV cache              {gb(p['kv_cache'])}")
+    print(f"  activations (peak)    {gb(p['activations'])}")
+    print(f"  total                 {gb(p['total'])}")
+    if device_memory is not None:
+        verdict = "fits" if result["fits"] else "does NOT fit"
+        print(f"{verdict} in {device_memory / 1e9:.2f} GB per device")
+    return 0
+
+
 def _add_model_args(p) -> None:
     p.add_argument("--checkpoint", help="orbax checkpoint, HF folder or Mistral folder "
                                         "(default: the built-in demo model)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                    help="compute dtype (default: float32 on CPU, bfloat16 on GPU/TPU)")
+    p.add_argument("--mesh", help="shard over a device mesh, e.g. data=2,expert=4,tensor=1 "
+                                  "(default: one device)")
+    p.add_argument("--coordinator", help="multi-host: host:port of process 0 (jax.distributed); "
+                                         "default $JAX_COORDINATOR_ADDRESS")
+    p.add_argument("--num-processes", type=int, help="multi-host: process count (default $JAX_NUM_PROCESSES)")
+    p.add_argument("--process-id", type=int, help="multi-host: this process (default $JAX_PROCESS_ID)")
+
+
+def init_distributed(args) -> None:
+    """Join a multi-process run when asked (flags or JAX's environment variables); afterwards only
+    process 0 prints results."""
+    coordinator = getattr(args, "coordinator", None) or os.environ.get("JAX_COORDINATOR_ADDRESS")
+    if not coordinator:
+        return
+    import jax
+
+    def number(flag, env):
+        value = getattr(args, flag) if getattr(args, flag) is not None else os.environ.get(env)
+        if value is None:
+            raise UsageError(f"--{flag.replace('_', '-')} (or ${env}) is needed with --coordinator")
+        return int(value)
+
+    jax.distributed.initialize(coordinator, num_processes=number("num_processes", "JAX_NUM_PROCESSES"),
+                               process_id=number("process_id", "JAX_PROCESS_ID"))
+    if jax.process_index() != 0:
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the rest of the process
 
 
 def _add_sampling_args(p) -> None:
@@ -363,6 +441,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_args(chat)
     chat.set_defaults(func=cmd_chat)
 
+    plan = sub.add_parser("plan", help="per-device memory of a model on a mesh (nothing is allocated)")
+    plan.add_argument("--preset", help="mixtral-8x7b, mixtral-8x22b, small or tiny")
+    plan.add_argument("--checkpoint", help="plan for a checkpoint's config instead of a preset")
+    plan.add_argument("--mesh", default="data=1,expert=1,tensor=1", help="e.g. data=1,expert=8,tensor=1")
+    plan.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="bfloat16")
+    plan.add_argument("--batch", type=int, default=1)
+    plan.add_argument("--max-seq-len", type=int, help="KV cache tokens per row (default: the context)")
+    plan.add_argument("--prompt-len", type=int, default=512, help="prefill length for the activation estimate")
+    plan.add_argument("--device-memory", help="e.g. 16GB: say whether the plan fits")
+    plan.add_argument("--json", action="store_true")
+    plan.set_defaults(func=cmd_plan)
+
     score = sub.add_parser("score", help="tokens, mean NLL and perplexity of a text file")
     _add_model_args(score)
     score.add_argument("file")
@@ -376,6 +466,7 @@ def main(argv=None) -> int:
         args = build_parser().parse_args(argv)
         logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                             format="%(levelname)s %(name)s: %(message)s")
+        init_distributed(args)
         return args.func(args)
     except UsageError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)

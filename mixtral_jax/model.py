@@ -33,6 +33,7 @@ import numpy as np
 from .config import MixtralConfig
 from .layers import apply_rope, attention_mask, grouped_attention, rms_norm, rope_angles
 from .moe import DEFAULT_GROUP_SIZE, STRATEGIES, moe
+from .sharding import constrain, mesh_of, sharding_for
 
 log = logging.getLogger(__name__)
 
@@ -183,6 +184,8 @@ def forward(config: MixtralConfig, params, tokens, *, lengths=None, cache=None,
       capacity_factor: einsum only; None (default) never drops a token. When tokens are dropped
         a warning is logged with the count.
       group_size: einsum routing-group bound.
+    Parameters placed on a mesh (`load(..., mesh=)` or `shard_params`) run sharded: the mesh is
+    read from the parameters, and activations are constrained by their logical axes.
     Returns:
       logits [B, T, V] float32; `(logits, cache)` when a cache is passed; router logits appended
       last when asked. Logits at padding positions are finite but meaningless.
@@ -194,7 +197,8 @@ def forward(config: MixtralConfig, params, tokens, *, lengths=None, cache=None,
         raise ValueError(f"unknown MoE strategy {moe_strategy!r}; choose from {', '.join(STRATEGIES)}")
     logits, new_cache, router_logits, dropped = _forward_jit(
         config, params, jnp.asarray(tokens, jnp.int32), lengths, cache,
-        moe_strategy=moe_strategy, capacity_factor=capacity_factor, group_size=group_size)
+        moe_strategy=moe_strategy, capacity_factor=capacity_factor, group_size=group_size,
+        mesh=mesh_of(params))
     if capacity_factor is not None:
         jax.debug.callback(_report_dropped, dropped, capacity_factor)
     out = (logits,) if cache is None else (logits, new_cache)
@@ -210,7 +214,7 @@ def _report_dropped(dropped, capacity_factor):
 
 
 def decoder(config: MixtralConfig, params, tokens, lengths, cache, *, moe_strategy="auto",
-            capacity_factor=None, group_size=DEFAULT_GROUP_SIZE):
+            capacity_factor=None, group_size=DEFAULT_GROUP_SIZE, mesh=None):
     """The traced body of `forward` without the output projection.
 
     Returns:
@@ -233,13 +237,16 @@ def decoder(config: MixtralConfig, params, tokens, lengths, cache, *, moe_strate
     mask = attention_mask(q_pos, k_pos, k_valid, config.sliding_window)           # [B, T, S]
     cos, sin = rope_angles(q_pos, config.head_dim, config.rope_theta)
 
-    x = params["embed"][tokens]                                                    # [B, T, D]
+    act = ("batch", "sequence", "embed")
+    kv_axes = ("batch", "cache_sequence", "kv_heads", "head_dim")
+    x = constrain(params["embed"][tokens], act, mesh)                               # [B, T, D]
     new_cache = None if cache is None else {"lengths": offset + new_len}
     router_logits, dropped = [], jnp.zeros((), jnp.int32)
     for i in range(config.n_layers):
         p = params[layer_name(i)]
         h = rms_norm(x, p["attn_norm"], config.norm_eps)
         q = apply_rope(jnp.einsum("btd,dnh->btnh", h, p["wq"]), cos, sin)          # [B, T, N, H]
+        q = constrain(q, ("batch", "sequence", "q_heads", "head_dim"), mesh)
         k = apply_rope(jnp.einsum("btd,dkh->btkh", h, p["wk"]), cos, sin)          # [B, T, K, H]
         v = jnp.einsum("btd,dkh->btkh", h, p["wv"])                                # [B, T, K, H]
         if cache is not None:
@@ -247,14 +254,16 @@ def decoder(config: MixtralConfig, params, tokens, lengths, cache, *, moe_strate
             c = cache[layer_name(i)]
             k = c["k"].at[rows, write_pos].set(k.astype(c["k"].dtype), mode="drop")  # [B, S, K, H]
             v = c["v"].at[rows, write_pos].set(v.astype(c["v"].dtype), mode="drop")
+            k, v = constrain(k, kv_axes, mesh), constrain(v, kv_axes, mesh)
             new_cache[layer_name(i)] = {"k": k, "v": v}
         attn = grouped_attention(q, k, v, mask)                                    # [B, T, N, H]
-        x = x + jnp.einsum("btnh,nhd->btd", attn, p["wo"])
+        x = constrain(x + jnp.einsum("btnh,nhd->btd", attn, p["wo"]), act, mesh)
         h = rms_norm(x, p["ffn_norm"], config.norm_eps)
         y, logits_i, dropped_i = moe(h.reshape(b * t, -1), p, top_k=config.top_k,
                                      valid=q_valid.reshape(-1), strategy=moe_strategy,
-                                     capacity_factor=capacity_factor, group_size=group_size)
-        x = x + y.reshape(x.shape)
+                                     capacity_factor=capacity_factor, group_size=group_size,
+                                     mesh=mesh)
+        x = constrain(x + y.reshape(x.shape), act, mesh)
         router_logits.append(logits_i.reshape(b, t, -1))
         dropped = dropped + dropped_i
     x = rms_norm(x, params["final_norm"], config.norm_eps)
@@ -271,7 +280,14 @@ def _forward_all(config, params, tokens, lengths, cache, **kwargs):
     return lm_head(params, x), cache, router_logits, dropped
 
 
-_forward_jit = jax.jit(_forward_all, static_argnames=("moe_strategy", "capacity_factor", "group_size"))
+_forward_jit = jax.jit(_forward_all,
+                       static_argnames=("moe_strategy", "capacity_factor", "group_size", "mesh"))
+
+
+def shard_params(config: MixtralConfig, params, mesh):
+    """Place a parameter pytree on `mesh`, each leaf split per its logical axes."""
+    return jax.tree.map(lambda spec, a: jax.device_put(a, sharding_for(spec.shape, spec.axes, mesh)),
+                        param_specs(config), params, is_leaf=_is_spec)
 
 
 @dataclasses.dataclass

@@ -20,6 +20,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from .sharding import constrain, experts_split, token_group_multiple
+
 STRATEGIES = ("auto", "dense", "gather", "einsum")
 DEFAULT_GROUP_SIZE = 512
 
@@ -78,7 +80,7 @@ def einsum_capacity(group_size: int, n_experts: int, top_k: int, capacity_factor
 
 
 def moe_einsum(x, routing: Routing, valid, w_gate, w_up, w_down, *,
-               group_size: int = DEFAULT_GROUP_SIZE, capacity_factor: float | None = None):
+               group_size: int = DEFAULT_GROUP_SIZE, capacity_factor: float | None = None, mesh=None):
     """GShard dispatch/combine over routing groups of at most `group_size` tokens.
 
     Within a group, all first choices are placed before any second choice (GShard's priority), each
@@ -88,20 +90,23 @@ def moe_einsum(x, routing: Routing, valid, w_gate, w_up, w_down, *,
       x: [T, D]; valid: [T] bool (padding tokens take no capacity); weights as in `moe_dense`.
       group_size: routing group bound; keeps the one-hot einsums' cost at 2G/(3F) of the experts'.
       capacity_factor: None for dropless, else C = ceil(cf * G * top_k / E).
+      mesh: when given, groups are split over the mesh before dispatch and experts after it
+        (logical axes "token_groups" and "groups"/"experts"), which makes the all-to-all.
     Returns:
       (y [T, D], dropped: int32 count of (token, slot) assignments that were dropped).
     """
     n_tokens, d = x.shape
     n_experts = w_gate.shape[0]
-    g_size = min(group_size, n_tokens)
-    n_groups = -(-n_tokens // g_size)
+    split = token_group_multiple(mesh)
+    g_size = max(1, min(group_size, -(-n_tokens // split)))
+    n_groups = -(-n_tokens // (g_size * split)) * split
     pad = n_groups * g_size - n_tokens
     capacity = einsum_capacity(g_size, n_experts, routing.experts.shape[-1], capacity_factor)
 
     def grouped(a):
         return jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1)).reshape(n_groups, g_size, *a.shape[1:])
 
-    xg = grouped(x)                                                   # [g, t, D]
+    xg = constrain(grouped(x), ("token_groups", None, "embed"), mesh)  # [g, t, D]
     assigned = (jax.nn.one_hot(grouped(routing.experts), n_experts, dtype=jnp.int32)
                 * grouped(valid)[..., None, None])                    # [g, t, X, E]
     # Slot-major priority: position of each assignment in its expert's queue.
@@ -115,19 +120,24 @@ def moe_einsum(x, routing: Routing, valid, w_gate, w_up, w_down, *,
     combine = jnp.einsum("gtxe,gtxc,gtx->gtec", kept.astype(jnp.float32), slot,
                          grouped(routing.weights))                    # [g, t, E, c]
 
+    expert_axes = ("groups", "experts", "capacity", "embed")
     expert_in = jnp.einsum("gtec,gtd->gecd", dispatch.astype(x.dtype), xg)  # [g, E, c, D]
+    expert_in = constrain(expert_in, expert_axes, mesh)
     expert_out = _swiglu(expert_in, w_gate, w_up, w_down, "gecd,edf->gecf", "gecf,efd->gecd")
+    expert_out = constrain(expert_out, expert_axes, mesh)                   # [g, E, c, D]
     y = jnp.einsum("gtec,gecd->gtd", combine, expert_out.astype(jnp.float32))  # [g, t, D]
+    y = constrain(y, ("token_groups", None, "embed"), mesh)
     return y.reshape(-1, d)[:n_tokens].astype(x.dtype), dropped.astype(jnp.int32)
 
 
-def choose_strategy(n_tokens: int, n_experts: int, top_k: int) -> str:
-    """`auto`: gather when the selected experts are fewer than all experts (decode), else einsum."""
-    return "gather" if n_tokens * top_k < n_experts else "einsum"
+def choose_strategy(n_tokens: int, n_experts: int, top_k: int, mesh=None) -> str:
+    """`auto`: gather when the selected experts are fewer than all experts (decode) and the
+    experts are not split across devices, else einsum."""
+    return "gather" if n_tokens * top_k < n_experts and not experts_split(mesh) else "einsum"
 
 
 def moe(x, layer, *, top_k: int, valid=None, strategy: str = "auto",
-        capacity_factor: float | None = None, group_size: int = DEFAULT_GROUP_SIZE):
+        capacity_factor: float | None = None, group_size: int = DEFAULT_GROUP_SIZE, mesh=None):
     """The MoE layer over flattened tokens.
 
     Args:
@@ -138,6 +148,7 @@ def moe(x, layer, *, top_k: int, valid=None, strategy: str = "auto",
       strategy: one of STRATEGIES.
       capacity_factor: einsum only; None is dropless.
       group_size: einsum routing group bound.
+      mesh: the device mesh for sharding constraints, or None.
     Returns:
       (y [T, D] in x's dtype, router logits [T, E] float32, dropped assignments int32 scalar).
     """
@@ -148,7 +159,7 @@ def moe(x, layer, *, top_k: int, valid=None, strategy: str = "auto",
     routing = route(x, layer["router"], top_k)
     weights = (layer["w_gate"], layer["w_up"], layer["w_down"])
     if strategy == "auto":
-        strategy = choose_strategy(x.shape[0], layer["w_gate"].shape[0], top_k)
+        strategy = choose_strategy(x.shape[0], layer["w_gate"].shape[0], top_k, mesh)
     dropped = jnp.zeros((), jnp.int32)
     if strategy == "dense":
         y = moe_dense(x, routing, *weights)
@@ -158,5 +169,5 @@ def moe(x, layer, *, top_k: int, valid=None, strategy: str = "auto",
         if valid is None:
             valid = jnp.ones(x.shape[:1], bool)
         y, dropped = moe_einsum(x, routing, valid, *weights, group_size=group_size,
-                                capacity_factor=capacity_factor)
+                                capacity_factor=capacity_factor, mesh=mesh)
     return y, routing.logits, dropped

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .model import Model, decoder, init_cache, lm_head
+from .sharding import constrain, mesh_of
 
 MIN_BUCKET = 16
 DEFAULT_EOS = 2  # Mixtral's </s>, for models without a tokenizer
@@ -96,8 +97,12 @@ def sample(logits: jax.Array, p: SamplingParams, keys: jax.Array) -> jax.Array:
     return jnp.where(p.temperature > 0, drawn, jnp.argmax(logits, axis=-1)).astype(jnp.int32)
 
 
-def _choose(state: DecodeState, logits, p, seeds, stop, max_new) -> DecodeState:
-    """Sample the next token of every row from `logits` [B, V] and record it."""
+def _choose(state: DecodeState, logits, p, seeds, stop, max_new, mesh) -> DecodeState:
+    """Sample the next token of every row from `logits` [B, V] and record it.
+
+    The small per-row outputs are replicated, so every process of a multi-host run can read them.
+    """
+    logits = constrain(logits, (None, None), mesh)
     keys = jax.vmap(lambda s: jax.random.fold_in(jax.random.key(s), state.step))(seeds)
     token = sample(logits, p, keys)
     logprob = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), token[:, None], axis=-1)[:, 0]
@@ -105,49 +110,52 @@ def _choose(state: DecodeState, logits, p, seeds, stop, max_new) -> DecodeState:
     n_new = state.n_new + live
     done = state.done | (live & (jnp.isin(token, stop) | (n_new >= max_new)))
     col = jnp.minimum(state.step, state.tokens.shape[1] - 1)
+    rows = lambda a: constrain(a, (None,) * a.ndim, mesh)  # noqa: E731 - replicated
     return state.replace(
-        last=token, step=state.step + 1, done=done, n_new=n_new,
-        tokens=state.tokens.at[:, col].set(jnp.where(live, token, state.tokens[:, col])),
-        logprobs=state.logprobs.at[:, col].set(jnp.where(live, logprob, 0.0)))
+        last=rows(token), step=state.step + 1, done=rows(done), n_new=rows(n_new),
+        tokens=rows(state.tokens.at[:, col].set(jnp.where(live, token, state.tokens[:, col]))),
+        logprobs=rows(state.logprobs.at[:, col].set(jnp.where(live, logprob, 0.0))))
 
 
 def prefill(config, params, tokens, lengths, p, seeds, stop, max_new, *, cache_len: int,
-            out_len: int) -> DecodeState:
+            out_len: int, mesh=None) -> DecodeState:
     """Run the prompts through the model and choose each row's first new token.
 
     Args:
       tokens: [B, T] right-padded prompts; lengths: [B] their lengths.
       p: SamplingParams; seeds: [B] uint32; stop: [n] stop tokens (-1 pads); max_new: [B].
       cache_len: KV cache slots (static); out_len: generated-token buffer width (static).
+      mesh: the parameters' mesh (static), or None.
     """
     b = tokens.shape[0]
     cache = init_cache(config, b, cache_len, dtype=params["embed"].dtype)
-    hidden, cache, _, _ = decoder(config, params, tokens, lengths, cache)
+    hidden, cache, _, _ = decoder(config, params, tokens, lengths, cache, mesh=mesh)
     last_hidden = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)[:, 0]  # [B, D]
     state = DecodeState(cache=cache, last=jnp.zeros((b,), jnp.int32), step=jnp.zeros((), jnp.int32),
                         done=jnp.zeros((b,), bool), n_new=jnp.zeros((b,), jnp.int32),
                         tokens=jnp.zeros((b, out_len), jnp.int32),
                         logprobs=jnp.zeros((b, out_len), jnp.float32))
-    return _choose(state, lm_head(params, last_hidden), p, seeds, stop, max_new)
+    return _choose(state, lm_head(params, last_hidden), p, seeds, stop, max_new, mesh)
 
 
-def decode_step(config, params, state: DecodeState, p, seeds, stop, max_new) -> DecodeState:
+def decode_step(config, params, state: DecodeState, p, seeds, stop, max_new, mesh=None) -> DecodeState:
     """Feed each row's last token and choose the next one."""
-    hidden, cache, _, _ = decoder(config, params, state.last[:, None], None, state.cache)
-    return _choose(state.replace(cache=cache), lm_head(params, hidden[:, 0]), p, seeds, stop, max_new)
+    hidden, cache, _, _ = decoder(config, params, state.last[:, None], None, state.cache, mesh=mesh)
+    return _choose(state.replace(cache=cache), lm_head(params, hidden[:, 0]), p, seeds, stop, max_new,
+                   mesh)
 
 
-def _generate(config, params, tokens, lengths, p, seeds, stop, max_new, *, cache_len, out_len):
+def _generate(config, params, tokens, lengths, p, seeds, stop, max_new, *, cache_len, out_len, mesh):
     state = prefill(config, params, tokens, lengths, p, seeds, stop, max_new,
-                    cache_len=cache_len, out_len=out_len)
+                    cache_len=cache_len, out_len=out_len, mesh=mesh)
     return jax.lax.while_loop(
         lambda s: ~jnp.all(s.done),
-        lambda s: decode_step(config, params, s, p, seeds, stop, max_new), state)
+        lambda s: decode_step(config, params, s, p, seeds, stop, max_new, mesh), state)
 
 
-_generate_jit = jax.jit(_generate, static_argnames=("cache_len", "out_len"))
-_prefill_jit = jax.jit(prefill, static_argnames=("cache_len", "out_len"))
-_step_jit = jax.jit(decode_step, donate_argnames=("state",))
+_generate_jit = jax.jit(_generate, static_argnames=("cache_len", "out_len", "mesh"))
+_prefill_jit = jax.jit(prefill, static_argnames=("cache_len", "out_len", "mesh"))
+_step_jit = jax.jit(decode_step, donate_argnames=("state",), static_argnames=("mesh",))
 
 
 def compiled_programs() -> int:
@@ -263,7 +271,7 @@ def generate(model: Model, prompts, *, max_new_tokens, temperature=0.0, top_k=0,
     b = prepare(model, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                 top_p=top_p, min_p=min_p, stop_tokens=stop_tokens, seed=seed)
     state = _generate_jit(model.config, model.params, b.tokens, b.lengths, b.params, b.seeds, b.stop,
-                          b.max_new, cache_len=b.cache_len, out_len=b.out_len)
+                          b.max_new, cache_len=b.cache_len, out_len=b.out_len, mesh=mesh_of(model.params))
     return _rows(state, logprobs)
 
 
@@ -275,8 +283,9 @@ def generate_stream(model: Model, prompts, *, max_new_tokens, temperature=0.0, t
     b = prepare(model, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                 top_p=top_p, min_p=min_p, stop_tokens=stop_tokens, seed=seed)
     args = (b.params, b.seeds, b.stop, b.max_new)
+    mesh = mesh_of(model.params)
     state = _prefill_jit(model.config, model.params, b.tokens, b.lengths, *args,
-                         cache_len=b.cache_len, out_len=b.out_len)
+                         cache_len=b.cache_len, out_len=b.out_len, mesh=mesh)
     prev_done = np.zeros(len(b.lengths), bool)
     while True:
         last, done, step = np.asarray(state.last), np.asarray(state.done), int(state.step)
@@ -286,4 +295,4 @@ def generate_stream(model: Model, prompts, *, max_new_tokens, temperature=0.0, t
         if done.all():
             return
         prev_done = done
-        state = _step_jit(model.config, model.params, state, *args)
+        state = _step_jit(model.config, model.params, state, *args, mesh=mesh)

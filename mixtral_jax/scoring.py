@@ -11,19 +11,20 @@ import numpy as np
 
 from .model import Model, decoder, lm_head
 from .sampler import bucket
+from .sharding import constrain, mesh_of
 from .tokenizer import Tokenizer
 
 MIXTRAL_VOCAB = 32000
 
 
-def _target_logprobs(config, params, tokens, lengths):
-    """log p(tokens[:, t+1] | tokens[:, :t+1]) for every t: [B, T-1] float32."""
-    hidden, _, _, _ = decoder(config, params, tokens, lengths, None)
+def _target_logprobs(config, params, tokens, lengths, mesh):
+    """log p(tokens[:, t+1] | tokens[:, :t+1]) for every t: [B, T-1] float32, replicated."""
+    hidden, _, _, _ = decoder(config, params, tokens, lengths, None, mesh=mesh)
     logp = jax.nn.log_softmax(lm_head(params, hidden[:, :-1]), axis=-1)            # [B, T-1, V]
-    return jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
+    return constrain(jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0], (None, None), mesh)
 
 
-_target_logprobs_jit = jax.jit(_target_logprobs)
+_target_logprobs_jit = jax.jit(_target_logprobs, static_argnames=("mesh",))
 
 
 def score_tokens(model: Model, tokens: Sequence[int], *, window: int | None = None) -> dict:
@@ -50,6 +51,7 @@ def score_tokens(model: Model, tokens: Sequence[int], *, window: int | None = No
     if ids.min() < 0 or ids.max() >= config.vocab_size:
         raise ValueError(f"token id out of range [0, {config.vocab_size})")
     stride = max(1, window // 2)
+    mesh = mesh_of(model.params)
     total, scored, end = 0.0, 1, 0  # `scored`: index of the next token to score
     while scored < ids.size:
         end = min(ids.size, window if end == 0 else end + stride)
@@ -57,7 +59,7 @@ def score_tokens(model: Model, tokens: Sequence[int], *, window: int | None = No
         chunk = np.zeros((1, min(bucket(end - start), config.max_seq_len)), np.int32)
         chunk[0, :end - start] = ids[start:end]
         logp = np.asarray(_target_logprobs_jit(config, model.params, chunk,
-                                               np.array([end - start], np.int32)))[0]
+                                               np.array([end - start], np.int32), mesh=mesh))[0]
         # logp[j] scores ids[start + j + 1]; keep the tokens from `scored` to `end`.
         total -= float(np.sum(logp[scored - start - 1:end - start - 1], dtype=np.float64))
         scored = end
