@@ -14,7 +14,8 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
+
+from measure import run_measured
 
 
 def build_source(path):
@@ -58,17 +59,11 @@ def main():
         src, out = os.path.join(tmp, "hf"), os.path.join(tmp, "ckpt")
         subprocess.run([sys.executable, __file__, "--build", src], check=True)
         src_bytes = sum(os.path.getsize(os.path.join(src, f)) for f in os.listdir(src))
-        start = time.perf_counter()
-        child = subprocess.Popen([sys.executable, "-m", "mixtral_jax.cli", "convert", src, out],
-                                 stdout=subprocess.DEVNULL)
-        _, status, usage = os.wait4(child.pid, 0)
-        wall = time.perf_counter() - start
-        if status:
-            sys.exit(f"conversion failed (status {status})")
+        _, peak, wall = run_measured([sys.executable, "-m", "mixtral_jax.cli", "convert", src, out])
         info = json.loads(subprocess.run([sys.executable, "-m", "mixtral_jax.cli", "info", out, "--json"],
                                          check=True, capture_output=True, text=True).stdout)
         result = {"source_gb": src_bytes / 1e9, "output_dtype": info["dtype"],
-                  "peak_rss_mb": usage.ru_maxrss * 1024 / 1e6, "wall_s": wall,
+                  "peak_rss_mb": peak / 1e6, "wall_s": wall,
                   "mb_per_s": src_bytes / 1e6 / wall}
     if args.json:
         print(json.dumps(result))

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 
+from measure import run_measured
 from mixtral_jax import MixtralConfig
 from mixtral_jax.model import count_params
 
@@ -70,20 +71,15 @@ def main():
         subprocess.run([sys.executable, __file__, "--child", "build", tmp], check=True)
         n_bytes = 4 * count_params(MixtralConfig(**CONFIG))
         env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
-        child = subprocess.Popen([sys.executable, __file__, "--mesh", args.mesh, "--child", "restore", tmp],
-                                 env=env, stdout=subprocess.PIPE, text=True)
-        out = child.stdout.read()
-        _, status, usage = os.wait4(child.pid, 0)
-        if status:
-            sys.exit(f"restore failed (status {status})")
-    peak = usage.ru_maxrss * 1024
+        out, peak, _ = run_measured([sys.executable, __file__, "--mesh", args.mesh, "--child", "restore", tmp],
+                                    env)
     result = {"mesh": args.mesh, "checkpoint_gb": n_bytes / 1e9, "peak_rss_gb": peak / 1e9,
               "ratio": peak / n_bytes, **json.loads(out)}
     if args.json:
         print(json.dumps(result))
     else:
-        print(f"restored a {result['checkpoint_gb']:.2f} GB (float32 parameters) checkpoint onto {result['devices']} host devices "
-              f"({args.mesh}; w_gate shard {result['w_gate_shard']}): peak RSS {result['peak_rss_gb']:.2f} GB "
+        print(f"restored a {result['checkpoint_gb']:.2f} GB (float32 parameters) checkpoint onto "
+              f"{result['devices']} host devices ({args.mesh}; w_gate shard {result['w_gate_shard']}): peak RSS {result['peak_rss_gb']:.2f} GB "
               f"= {result['ratio']:.2f}x the checkpoint bytes")
 
 
