@@ -23,6 +23,7 @@ from mixtral_jax.checkpoint import (MANIFEST, TOKENIZER_FILE, item_names, read_m
                                     restore_item, save_item, write_manifest)
 from mixtral_jax.config import MixtralConfig
 from mixtral_jax.model import count_params
+from mixtral_jax.quant import quantize_layer
 
 from .errors import CheckpointError
 from .formats import export_keys, export_tensor
@@ -69,7 +70,8 @@ def read_source_config(src: str, fmt: str) -> MixtralConfig:
         raise CheckpointError(f"{os.path.join(src, name)}: {e}") from None
 
 
-def convert(src: str, out: str, *, dtype=None, allow_pickle: bool = False) -> dict[str, Any]:
+def convert(src: str, out: str, *, dtype=None, allow_pickle: bool = False,
+            quantize: str | None = None) -> dict[str, Any]:
     """HF or Mistral folder -> project checkpoint (see mixtral_jax.checkpoint for the layout).
 
     Args:
@@ -77,9 +79,13 @@ def convert(src: str, out: str, *, dtype=None, allow_pickle: bool = False) -> di
       out: the new checkpoint folder; must not exist.
       dtype: None keeps the source dtype; else "float32", "bfloat16" or "float16".
       allow_pickle: accept `.pth`/`.bin` pickles (loaded with weights_only=True).
+      quantize: None, or "int8" to store expert and attention matrices as int8 with per-output-
+        channel float32 scales (mixtral_jax.quant); other leaves keep `dtype`.
     Returns:
       A summary: format, config, dtype, bytes read.
     """
+    if quantize not in (None, "int8"):
+        raise CheckpointError(f"quantize must be 'int8', got {quantize!r}")
     src = os.fspath(src)
     fmt = detect_format(src)
     if fmt == "orbax":
@@ -95,13 +101,15 @@ def convert(src: str, out: str, *, dtype=None, allow_pickle: bool = False) -> di
         for item in items:
             # As jax arrays: orbax then writes without staging a second host copy of the layer.
             leaves = read_item(config, source, item, lambda _i, _l, a: jnp.asarray(a.astype(dt, copy=False)))
+            if quantize and item.layer is not None:
+                leaves = quantize_layer(leaves)
             save_item(tmp, item.name, leaves)
             del leaves
             bar.update(item_nbytes(config, source, item))
-        write_manifest(tmp, config, dt, source_format=fmt)
+        write_manifest(tmp, config, dt, source_format=fmt, quantize=quantize)
         if os.path.isfile(tokenizer):
             shutil.copy(tokenizer, os.path.join(tmp, TOKENIZER_FILE))
-    return {"format": fmt, "config": config, "dtype": dt.name, "bytes": total}
+    return {"format": fmt, "config": config, "dtype": dt.name, "bytes": total, "quantize": quantize}
 
 
 def export(ckpt: str, out: str, *, fmt: str) -> None:
@@ -113,6 +121,9 @@ def export(ckpt: str, out: str, *, fmt: str) -> None:
     if detect_format(ckpt) != "orbax":
         raise CheckpointError(f"{ckpt}: not a mixtral_jax checkpoint (no {MANIFEST})")
     manifest = read_manifest(ckpt)
+    if manifest.get("quantize"):
+        raise CheckpointError(f"{ckpt}: int8-quantized checkpoints cannot be exported (convert the "
+                              "original again without --quantize)")
     config, dt = manifest["config"], np.dtype(resolve_dtype(manifest["dtype"]))
     items = ((name, restore_item(ckpt, config, name, dt)) for name in item_names(config))
     tokenizer = os.path.join(ckpt, TOKENIZER_FILE)
@@ -175,14 +186,15 @@ def info(path: str) -> dict[str, Any]:
     """Format, config, parameter count, dtype and bytes on disk of any supported checkpoint."""
     path = os.fspath(path)
     fmt = detect_format(path)
+    quantize = None
     if fmt == "orbax":
         manifest = read_manifest(path)
-        config, dtype = manifest["config"], manifest["dtype"]
+        config, dtype, quantize = manifest["config"], manifest["dtype"], manifest.get("quantize")
     else:
         config = read_source_config(path, fmt)
         source = open_source(path, fmt, allow_pickle=False)
         plan(config, fmt, source)
         dtype = source.dtype().name
     disk = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
-    return {"path": path, "format": fmt, "dtype": dtype, "parameters": count_params(config), "bytes_on_disk": disk,
+    return {"path": path, "format": fmt, "dtype": dtype, "quantize": quantize, "parameters": count_params(config), "bytes_on_disk": disk,
             "tokenizer": os.path.isfile(os.path.join(path, TOKENIZER_FILE)), "config": config.to_dict()}

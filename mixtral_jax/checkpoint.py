@@ -24,7 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from .config import MixtralConfig
-from .model import Model, ParamSpec, default_dtype, layer_name, param_specs
+from .quant import CONTRACTED, MODES as QUANT_MODES, quantize_layer
+from .model import Model, ParamSpec, default_dtype, default_layout, layer_name, param_specs, split_layer
 from .sharding import sharding_for
 from .tokenizer import Tokenizer
 
@@ -110,13 +111,23 @@ def read_manifest(folder: str) -> dict[str, Any]:
     return manifest
 
 
-def restore_item(folder: str, config: MixtralConfig, item: str, dtype, sharding=None) -> dict[str, Any]:
-    """One item's leaves as `dtype`: numpy arrays, or jax arrays placed per `sharding(leaf_spec)`."""
-    def target(spec):
-        s = None if sharding is None else sharding(spec)
-        return jax.ShapeDtypeStruct(spec.shape, dtype, sharding=s)
+def restore_item(folder: str, config: MixtralConfig, item: str, dtype, sharding=None,
+                 quantized: str | None = None) -> dict[str, Any]:
+    """One item's leaves as `dtype`: numpy arrays, or jax arrays placed per `sharding(leaf_spec)`.
+    With `quantized="int8"`, the quantizable leaves are restored as int8 {"q", "scale"} dicts."""
+    def target(shape, axes, dt):
+        s = None if sharding is None else sharding(ParamSpec(shape, axes))
+        return jax.ShapeDtypeStruct(shape, dt, sharding=s)
 
-    abstract = jax.tree.map(target, item_specs(config, item), is_leaf=lambda x: isinstance(x, ParamSpec))
+    abstract = {}
+    for leaf, spec in item_specs(config, item).items():
+        if quantized and leaf in CONTRACTED:
+            kept = {a % len(spec.shape) for a in CONTRACTED[leaf]}
+            scale = tuple(1 if a in kept else n for a, n in enumerate(spec.shape))
+            abstract[leaf] = {"q": target(spec.shape, spec.axes, np.int8),
+                              "scale": target(scale, spec.axes, np.float32)}
+        else:
+            abstract[leaf] = target(spec.shape, spec.axes, dtype)
     return _checkpointer().restore(os.path.join(os.path.abspath(folder), "params", item), abstract)
 
 
@@ -140,7 +151,7 @@ def _place(params: dict[str, Any], item: str, leaves: dict[str, Any]) -> None:
         params[item] = leaves
 
 
-def load(path, *, dtype=None, mesh=None) -> Model:
+def load(path, *, dtype=None, mesh=None, layout=None, quantize=None) -> Model:
     """Load a model.
 
     Args:
@@ -154,6 +165,10 @@ def load(path, *, dtype=None, mesh=None) -> Model:
         into those shardings (each device reads only its slice); HF/Mistral folders are read one
         layer at a time on the host and then placed. In a multi-process run every process calls
         `load` with the same mesh.
+      layout: "stacked" (canonical [E, ...] expert weights) or "split" (per-expert leaves); None
+        for split on CPU without a mesh, stacked otherwise (see mixtral_jax.model).
+      quantize: None, or "int8" for int8 weight-only expert and attention matrices (see
+        mixtral_jax.quant). A checkpoint converted with `--quantize int8` loads quantized anyway.
     Returns:
       Model with `.config`, `.params` (canonical layout) and `.tokenizer` (from the folder's
       tokenizer.model, or None).
@@ -163,16 +178,33 @@ def load(path, *, dtype=None, mesh=None) -> Model:
     from mixtral_convert import CheckpointError, detect_format, iter_params, open_source
 
     dt = resolve_dtype(dtype)
+    layout = default_layout(mesh) if layout is None else layout
+    if layout not in ("split", "stacked"):
+        raise ValueError(f"layout must be 'split' or 'stacked', got {layout!r}")
+    if layout == "split" and mesh is not None:
+        raise ValueError("the split layout is for one device; use layout='stacked' with a mesh")
+    if quantize not in QUANT_MODES:
+        raise ValueError(f"quantize must be None or 'int8', got {quantize!r}")
     path = os.fspath(path)
     fmt = detect_format(path)
+    manifest = read_manifest(path) if fmt == "orbax" else {}
+    stored_quant = manifest.get("quantize")
+    quantize = quantize or stored_quant
+
+    def arrange(leaves):
+        leaves = split_layer(leaves) if layout == "split" else leaves
+        return quantize_layer(leaves) if quantize else leaves
+
     log.info("loading %s (%s checkpoint) as %s%s", path, fmt, dt, "" if mesh is None else f" onto {mesh}")
     params: dict[str, Any] = {}
     if fmt == "orbax":
-        config = read_manifest(path)["config"]
+        config = manifest["config"]
         shard = None if mesh is None else (lambda spec: sharding_for(spec.shape, spec.axes, mesh))
         for item in item_names(config):
-            leaves = restore_item(path, config, item, dt, shard)
-            _place(params, item, leaves if mesh is not None else {k: jnp.asarray(v) for k, v in leaves.items()})
+            leaves = restore_item(path, config, item, dt, shard, stored_quant)
+            if mesh is None:
+                leaves = jax.tree.map(jnp.asarray, leaves)
+            _place(params, item, leaves if item == "globals" else arrange(leaves))
             release_freed_memory()
     else:
         config = (MixtralConfig.from_hf if fmt == "hf" else MixtralConfig.from_mistral)(path)
@@ -187,7 +219,7 @@ def load(path, *, dtype=None, mesh=None) -> Model:
                                                 lambda index: a[index])
 
         for item, leaves in iter_params(config, fmt, open_source(path, fmt), put):
-            _place(params, item.name, leaves)
+            _place(params, item.name, leaves if item.layer is None else arrange(leaves))
             release_freed_memory()
     tok_path = os.path.join(path, TOKENIZER_FILE)
     try:

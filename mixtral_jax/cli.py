@@ -88,9 +88,11 @@ def cmd_demo(args) -> int:
 def cmd_convert(args) -> int:
     from mixtral_convert import convert
 
-    summary = convert(args.src, args.out, dtype=args.dtype, allow_pickle=args.allow_pickle)
+    summary = convert(args.src, args.out, dtype=args.dtype, allow_pickle=args.allow_pickle,
+                      quantize=args.quantize)
+    quant = f", {summary['quantize']} experts and attention" if summary["quantize"] else ""
     print(f"converted {args.src} ({summary['format']}, {summary['bytes'] / 1e9:.3f} GB) to {args.out} "
-          f"({summary['dtype']})")
+          f"({summary['dtype']}{quant})")
     return 0
 
 
@@ -110,7 +112,8 @@ def cmd_info(args) -> int:
         print(json.dumps(d, indent=2))
         return 0
     c = d["config"]
-    print(f"{d['path']}: {d['format']} checkpoint, {d['dtype']}, {d['parameters']:,} parameters "
+    quant = f" ({d['quantize']} experts and attention)" if d["quantize"] else ""
+    print(f"{d['path']}: {d['format']} checkpoint, {d['dtype']}{quant}, {d['parameters']:,} parameters "
           f"({d['parameters'] / 1e9:.2f} B), {d['bytes_on_disk'] / 1e9:.3f} GB on disk, "
           f"tokenizer {'included' if d['tokenizer'] else 'not included'}")
     print("config: " + ", ".join(f"{k}={v}" for k, v in c.items()))
@@ -326,8 +329,9 @@ def cmd_plan(args) -> int:
     sizes = parse_mesh(args.mesh)
     device_memory = parse_bytes(args.device_memory) if args.device_memory else None
     p = plan_memory(config, sizes, dtype=args.dtype, batch=args.batch, max_seq_len=args.max_seq_len,
-                    prompt_len=args.prompt_len)
+                    prompt_len=args.prompt_len, quantize=args.quantize)
     result = {"mesh": sizes, "devices": sizes["data"] * sizes["expert"] * sizes["tensor"], "dtype": args.dtype,
+              "quantize": args.quantize,
               "batch": args.batch, "max_seq_len": args.max_seq_len or config.max_seq_len,
               "per_device_bytes": p, "device_memory": device_memory,
               "fits": None if device_memory is None else p["total"] <= device_memory}
@@ -336,7 +340,8 @@ def cmd_plan(args) -> int:
         return 0
     gb = lambda n: f"{n / 1e9:8.2f} GB"  # noqa: E731
     mesh_text = ",".join(f"{k}={v}" for k, v in sizes.items())
-    print(f"per-device memory, {args.dtype}, mesh {mesh_text} ({result['devices']} devices), batch "
+    quant = " with int8 experts and attention" if args.quantize else ""
+    print(f"per-device memory, {args.dtype}{quant}, mesh {mesh_text} ({result['devices']} devices), batch "
           f"{args.batch}, KV cache {result['max_seq_len']} tokens per row:")
     for group, n in p["weights"].items():
         print(f"  weights: {group:<14}{gb(n)}")
@@ -347,6 +352,16 @@ def cmd_plan(args) -> int:
     if device_memory is not None:
         verdict = "fits" if result["fits"] else "does NOT fit"
         print(f"{verdict} in {device_memory / 1e9:.2f} GB per device")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from mixtral_jax import bench
+
+    if args.runs < 1:
+        raise UsageError(f"--runs must be >= 1, got {args.runs}")
+    report = bench.run(args.config, runs=args.runs, with_hf=not args.no_hf)
+    print(json.dumps(report, indent=2) if args.json else bench.format_report(report))
     return 0
 
 
@@ -408,6 +423,8 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("out", help="new checkpoint folder (must not exist)")
     conv.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                       help="convert weights to this dtype (default: keep the source's)")
+    conv.add_argument("--quantize", choices=["int8"],
+                      help="store expert and attention matrices as int8 with per-channel scales")
     conv.add_argument("--allow-pickle", action="store_true",
                       help="accept .pth/.bin pickles (loaded with torch, weights_only=True)")
     conv.set_defaults(func=cmd_convert)
@@ -450,8 +467,16 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--max-seq-len", type=int, help="KV cache tokens per row (default: the context)")
     plan.add_argument("--prompt-len", type=int, default=512, help="prefill length for the activation estimate")
     plan.add_argument("--device-memory", help="e.g. 16GB: say whether the plan fits")
+    plan.add_argument("--quantize", choices=["int8"], help="int8 expert and attention weights")
     plan.add_argument("--json", action="store_true")
     plan.set_defaults(func=cmd_plan)
+
+    bench = sub.add_parser("bench", help="side-by-side speed against HF transformers (float32, CPU)")
+    bench.add_argument("--config", choices=["small", "tiny"], default="small")
+    bench.add_argument("--runs", type=int, default=5, help="timed runs per figure (median)")
+    bench.add_argument("--no-hf", action="store_true", help="skip the HF transformers side")
+    bench.add_argument("--json", action="store_true")
+    bench.set_defaults(func=cmd_bench)
 
     score = sub.add_parser("score", help="tokens, mean NLL and perplexity of a text file")
     _add_model_args(score)

@@ -23,6 +23,7 @@ import numpy as np
 from .config import MixtralConfig
 from .model import ParamSpec, init_cache, init_params, param_specs
 from .moe import DEFAULT_GROUP_SIZE
+from .quant import CONTRACTED
 from .sharding import shard_shape
 
 GROUPS = {"embed": "embeddings", "lm_head": "embeddings", "wq": "attention", "wk": "attention",
@@ -38,7 +39,7 @@ def _bytes(shape, axes, mesh_sizes, itemsize) -> int:
 
 def plan_memory(config: MixtralConfig, mesh_sizes: dict[str, int], *, dtype="bfloat16", batch: int = 1,
                 max_seq_len: int | None = None, prompt_len: int = 512,
-                weight_bytes_per_param: float | None = None) -> dict[str, Any]:
+                quantize: str | None = None) -> dict[str, Any]:
     """Per-device bytes of weights (by group), KV cache and activations.
 
     Args:
@@ -48,7 +49,8 @@ def plan_memory(config: MixtralConfig, mesh_sizes: dict[str, int], *, dtype="bfl
       batch: rows decoded together.
       max_seq_len: KV cache length per row (default: the model's context).
       prompt_len: prefill length per row for the activation estimate.
-      weight_bytes_per_param: override for quantized expert/attention weights (e.g. 1 for int8).
+      quantize: "int8" for int8 expert and attention matrices (1 byte each plus a float32 scale
+        per output channel, as mixtral_jax.quant stores them).
     Returns:
       {"weights": {group: bytes}, "weights_total", "kv_cache", "activations", "total"}, per device.
     """
@@ -63,11 +65,14 @@ def plan_memory(config: MixtralConfig, mesh_sizes: dict[str, int], *, dtype="bfl
     weights: dict[str, int] = dict.fromkeys(sorted(set(GROUPS.values())), 0)
 
     def add(path, spec: ParamSpec, shaped):
-        group = GROUPS[path[-1].key]
-        size = itemsize
-        if weight_bytes_per_param is not None and group in ("experts", "attention"):
-            size = weight_bytes_per_param
-        weights[group] += int(_bytes(shaped.shape, spec.axes, mesh_sizes, 1) * size)
+        leaf = path[-1].key
+        if quantize and leaf in CONTRACTED:
+            kept = {a % len(spec.shape) for a in CONTRACTED[leaf]}
+            scale = tuple(1 if a in kept else n for a, n in enumerate(shaped.shape))
+            n_bytes = _bytes(shaped.shape, spec.axes, mesh_sizes, 1) + _bytes(scale, spec.axes, mesh_sizes, 4)
+        else:
+            n_bytes = _bytes(shaped.shape, spec.axes, mesh_sizes, itemsize)
+        weights[GROUPS[leaf]] += n_bytes
 
     jax.tree_util.tree_map_with_path(add, specs, shapes, is_leaf=lambda x: isinstance(x, ParamSpec))
     cache = jax.eval_shape(lambda: init_cache(config, batch, seq, dtype=dtype))

@@ -92,9 +92,14 @@ def sample(logits: jax.Array, p: SamplingParams, keys: jax.Array) -> jax.Array:
     Returns:
       [B] int32 tokens.
     """
-    filtered = filter_logits(logits, p)
-    drawn = jax.vmap(jax.random.categorical)(keys, filtered)
-    return jnp.where(p.temperature > 0, drawn, jnp.argmax(logits, axis=-1)).astype(jnp.int32)
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+    def draw():
+        drawn = jax.vmap(jax.random.categorical)(keys, filter_logits(logits, p)).astype(jnp.int32)
+        return jnp.where(p.temperature > 0, drawn, greedy)
+
+    # The filters sort the vocabulary twice: skip them when every row is greedy.
+    return jax.lax.cond(jnp.any(p.temperature > 0), draw, lambda: greedy)
 
 
 def _choose(state: DecodeState, logits, p, seeds, stop, max_new, mesh) -> DecodeState:

@@ -149,3 +149,14 @@ def test_generate_rejects_bad_values_with_one_line(ckpt, args, message):
 ])
 def test_usage_errors(args, message):
     assert message in cli(*args, rc=2).stderr
+
+
+@pytest.mark.slow
+def test_bench_runs_side_by_side_on_tiny():
+    report = json.loads(cli("bench", "--config", "tiny", "--runs", "1", "--json").stdout)
+    assert set(report["jax"]["prefill"]) == {"16", "100", "512"} and set(report["jax"]["decode"]) == {"1", "8"}
+    for r in report["jax"]["decode"].values():
+        assert r["tok_s"] > 0 and r["speedup_vs_hf"] > 0 and 0 < r["bandwidth_fraction"]
+    assert 0 < report["jax"]["prefill"]["512"]["matmul_fraction"] < 2
+    assert 1 <= report["jax"]["compile_sweep"]["programs"] <= 10
+    assert report["probes"]["read_bandwidth"] > 1e9 and report["peak_rss_over_weights"] > 1

@@ -110,3 +110,27 @@ def test_forward_reports_dropped_tokens(rng, caplog):
 def test_unknown_strategy_is_rejected(rng):
     with pytest.raises(ValueError, match="strategy"):
         mj.forward(GQA, mj.init_params(GQA), [[1, 2]], moe_strategy="magic")
+
+
+@pytest.mark.parametrize("strategy", ["dense", "gather", "einsum", "sorted"])
+@pytest.mark.parametrize("n_tokens", [1, 3, 37, 64])
+def test_split_layout_and_sorted_equal_the_oracle(rng, strategy, n_tokens):
+    """Per-expert (split) leaves give the same results as stacked ones, for every strategy."""
+    params, x = layer_and_input(GQA, rng, n_tokens)
+    ref, _, _ = moe_lib.moe(x, params, top_k=2, strategy="dense")
+    split = mj.model.split_layer(params)
+    assert moe_lib.is_split(split["w_gate"]) and len(split["w_gate"]) == 8
+    for layer in (params, split):
+        y, _, dropped = moe_lib.moe(x, layer, top_k=2, strategy=strategy, group_size=16)
+        np.testing.assert_allclose(np.asarray(y), np.asarray(ref), atol=STRATEGY_ATOL, rtol=0)
+        assert int(dropped) == 0
+
+
+def test_sorted_ignores_padding_tokens(rng):
+    params, x = layer_and_input(GQA, rng, 40)
+    valid = jnp.arange(40) < 25
+    y, _, _ = moe_lib.moe(x, mj.model.split_layer(params), top_k=2, strategy="sorted", valid=valid)
+    ref, _, _ = moe_lib.moe(x[:25], params, top_k=2, strategy="dense")
+    np.testing.assert_allclose(np.asarray(y)[:25], np.asarray(ref), atol=STRATEGY_ATOL, rtol=0)
+    assert moe_lib.sorted_buckets(40) == (1, 2, 4, 8, 16, 32, 40)
+    assert moe_lib.sorted_buckets(3) == (1, 2, 3) and moe_lib.sorted_buckets(512)[:4] == (8, 12, 16, 24)

@@ -1,0 +1,262 @@
+"""`mixtral-jax bench`: this project against HF transformers on the same weights, side by side.
+
+Everything is float32, greedy, 2 threads, medians of `runs` timed runs after a warm-up (compile
+excluded and reported separately). In the same run: the machine's read bandwidth (best-of-5 sum
+of a 1 GiB float32 array) and float32 matmul peak (best-of-5 2048^3 matmul under jit), so every
+speed is also a fraction of what the hardware allows. Peak RSS of this project is measured in a
+child process of its own that loads the checkpoint and generates.
+
+Definitions:
+- prefill tok/s: prompt tokens / time to prefill and choose one token (HF: a forward with
+  `logits_to_keep=1`, as `generate` computes it);
+- decode tok/s: (time for N+1 new tokens - time for 1) / N, times the batch;
+- active bytes per decode step: every non-expert weight plus, per layer, the distinct experts the
+  batch selects (top_k of E at batch 1; all E assumed at batch 8) - the bytes a perfect
+  implementation must read;
+- useful prefill FLOPs: 2 x (non-expert matmul parameters + top_k experts) per token, plus causal
+  attention, plus the last position's lm_head.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .config import MixtralConfig
+from .model import Model, init_params
+
+PREFILL_LENGTHS = (16, 100, 512)
+DECODE_BATCHES = (1, 8)
+DECODE_TOKENS = 32
+SWEEP = tuple(range(1, 513, 17)) + (512,)
+
+
+def timed(fn: Callable[[], Any], runs: int) -> tuple[float, float]:
+    """(first call seconds, median of `runs` later calls)."""
+    start = time.perf_counter()
+    fn()
+    first = time.perf_counter() - start
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return first, statistics.median(times)
+
+
+def machine_probes() -> dict[str, float]:
+    """Read bandwidth (bytes/s) and float32 matmul peak (FLOP/s), best of 5, under jit."""
+    a = jnp.ones((2**28,), jnp.float32)  # 1 GiB
+    total = jax.jit(jnp.sum)
+    total(a).block_until_ready()
+    best = min(_time(lambda: total(a).block_until_ready()) for _ in range(5))
+    bandwidth = a.nbytes / best
+    del a
+    x = jnp.ones((2048, 2048), jnp.float32)
+    mm = jax.jit(jnp.matmul)
+    mm(x, x).block_until_ready()
+    best = min(_time(lambda: mm(x, x).block_until_ready()) for _ in range(5))
+    return {"read_bandwidth": bandwidth, "matmul_peak": 2 * 2048**3 / best}
+
+
+def _time(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def weight_bytes(config: MixtralConfig, itemsize: int = 4) -> dict[str, int]:
+    """Non-expert and per-expert-per-layer parameter bytes."""
+    c = config
+    attention = c.n_layers * (2 * c.d_model * c.n_heads * c.head_dim + 2 * c.d_model * c.n_kv_heads * c.head_dim)
+    small = c.n_layers * (2 * c.d_model + c.d_model * c.n_experts) + c.d_model
+    return {"attention": attention * itemsize, "lm_head": c.vocab_size * c.d_model * itemsize,
+            "embed": c.vocab_size * c.d_model * itemsize, "small": small * itemsize,
+            "expert": 3 * c.d_model * c.d_ff * itemsize}
+
+
+def active_step_bytes(config: MixtralConfig, batch: int) -> int:
+    """Bytes a decode step must read (embedding rows are negligible and not counted)."""
+    w = weight_bytes(config)
+    experts = config.top_k if batch == 1 else config.n_experts
+    return w["attention"] + w["lm_head"] + w["small"] + config.n_layers * experts * w["expert"]
+
+
+def prefill_flops(config: MixtralConfig, tokens: int) -> float:
+    """Useful FLOPs of a prefill of `tokens` positions with last-position logits only."""
+    c = config
+    w = weight_bytes(config, itemsize=1)
+    per_token = 2 * (w["attention"] + c.n_layers * c.top_k * w["expert"] + c.n_layers * c.d_model * c.n_experts)
+    attention = c.n_layers * 2 * 2 * c.n_heads * c.head_dim * tokens * (tokens + 1) / 2
+    return per_token * tokens + attention + 2 * w["lm_head"]
+
+
+def bench_jax(model: Model, runs: int) -> dict[str, Any]:
+    from .sampler import compiled_programs, generate
+
+    rng = np.random.default_rng(0)
+    v = model.config.vocab_size
+    out: dict[str, Any] = {"prefill": {}, "decode": {}}
+    # First, from a cold cache: how many programs a sweep of prompt lengths compiles, and how long.
+    before, start = compiled_programs(), time.perf_counter()
+    for n in SWEEP:
+        generate(model, [[5] * n], max_new_tokens=2, stop_tokens=[])
+    out["compile_sweep"] = {"prompt_lengths": "1..512 step 17, and 512", "programs": compiled_programs() - before,
+                            "seconds": time.perf_counter() - start}
+    for n in PREFILL_LENGTHS:
+        prompt = [rng.integers(3, v, n).tolist()]
+        first, median = timed(lambda: generate(model, prompt, max_new_tokens=1, stop_tokens=[]), runs)
+        out["prefill"][n] = {"tok_s": n / median, "seconds": median, "first_call_s": first}
+    for b in DECODE_BATCHES:
+        prompts = [rng.integers(3, v, 16).tolist() for _ in range(b)]
+        _, one = timed(lambda: generate(model, prompts, max_new_tokens=1, stop_tokens=[]), runs)
+        _, many = timed(lambda: generate(model, prompts, max_new_tokens=DECODE_TOKENS + 1, stop_tokens=[]), runs)
+        step = (many - one) / DECODE_TOKENS
+        out["decode"][b] = {"tok_s": b / step, "step_s": step}
+    return out
+
+
+def bench_hf(hf_folder: str, config: MixtralConfig, runs: int) -> dict[str, Any]:
+    import torch
+    import transformers
+
+    torch.set_num_threads(2)
+    model = transformers.MixtralForCausalLM.from_pretrained(hf_folder, dtype=torch.float32).eval()
+    rng = np.random.default_rng(0)
+    out: dict[str, Any] = {"prefill": {}, "decode": {}}
+    with torch.inference_mode():
+        for n in PREFILL_LENGTHS:
+            ids = torch.tensor(rng.integers(3, config.vocab_size, (1, n)))
+            _, median = timed(lambda: model(ids, logits_to_keep=1), runs)
+            out["prefill"][n] = {"tok_s": n / median, "seconds": median}
+        for b in DECODE_BATCHES:
+            ids = torch.tensor(rng.integers(3, config.vocab_size, (b, 16)))
+
+            def gen(k):
+                return model.generate(ids, max_new_tokens=k, min_new_tokens=k, do_sample=False,
+                                      pad_token_id=0, eos_token_id=None)
+            _, one = timed(lambda: gen(1), runs)
+            _, many = timed(lambda: gen(DECODE_TOKENS + 1), runs)
+            step = (many - one) / DECODE_TOKENS
+            out["decode"][b] = {"tok_s": b / step, "step_s": step}
+    return out
+
+
+def rss_child(ckpt: str) -> None:
+    """Child mode: load the checkpoint, generate, print nothing (the parent reads our peak RSS)."""
+    from . import checkpoint
+    from .sampler import generate
+
+    model = checkpoint.load(ckpt, dtype="float32")
+    generate(model, [[1] * 100], max_new_tokens=16, stop_tokens=[])
+    generate(model, [[1] * 16] * 8, max_new_tokens=16, stop_tokens=[])
+
+
+def measure_rss(ckpt: str) -> int:
+    child = subprocess.Popen([sys.executable, "-m", "mixtral_jax.bench", "--rss-child", ckpt])
+    _, status, usage = os.wait4(child.pid, 0)
+    if status:
+        raise RuntimeError(f"RSS child failed (status {status})")
+    return usage.ru_maxrss * 1024
+
+
+def run(config_name: str = "small", runs: int = 5, with_hf: bool = True, seed: int = 0) -> dict[str, Any]:
+    """The whole benchmark; returns the report as a dict (see `format_report`)."""
+    if with_hf:
+        try:
+            import torch  # noqa: F401
+            import transformers  # noqa: F401
+        except ImportError:
+            raise ValueError("bench compares with HF transformers: pip install -e '.[dev]' "
+                             "(torch==2.13.0, transformers), or pass --no-hf") from None
+    from mixtral_convert import convert, write_folder
+
+    from .checkpoint import param_items
+
+    config = MixtralConfig.preset(config_name)
+    report: dict[str, Any] = {"config": config_name, "machine": _machine(), "probes": machine_probes()}
+    params = init_params(config, seed=seed)
+    with tempfile.TemporaryDirectory(prefix="mixtral-jax-bench-") as tmp:
+        hf_folder, ckpt = os.path.join(tmp, "hf"), os.path.join(tmp, "ckpt")
+        write_folder(hf_folder, config, param_items(config, params), "hf", np.float32)
+        convert(hf_folder, ckpt)
+        from . import checkpoint
+
+        model = checkpoint.load(ckpt, dtype="float32")
+        del params
+        report["jax"] = bench_jax(model, runs)
+        del model
+        report["peak_rss_over_weights"] = measure_rss(ckpt) / (4 * _n_params(config))
+        if with_hf:
+            report["hf"] = bench_hf(hf_folder, config, runs)
+    _derive(report, config)
+    return report
+
+
+def _n_params(config):
+    from .model import count_params
+
+    return count_params(config)
+
+
+def _machine() -> dict[str, Any]:
+    import platform
+
+    return {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
+            "python": platform.python_version(), "jax": jax.__version__,
+            "xla_flags": os.environ.get("XLA_FLAGS", ""), "backend": jax.default_backend()}
+
+
+def _derive(report: dict[str, Any], config: MixtralConfig) -> None:
+    probes, ours = report["probes"], report["jax"]
+    for n, r in ours["prefill"].items():
+        r["matmul_fraction"] = prefill_flops(config, n) / r["seconds"] / probes["matmul_peak"]
+        if "hf" in report:
+            hf = report["hf"]["prefill"][n]
+            r["speedup_vs_hf"] = r["tok_s"] / hf["tok_s"]
+            hf["matmul_fraction"] = prefill_flops(config, n) / hf["seconds"] / probes["matmul_peak"]
+    for b, r in ours["decode"].items():
+        r["bandwidth_fraction"] = active_step_bytes(config, b) / r["step_s"] / probes["read_bandwidth"]
+        if "hf" in report:
+            hf = report["hf"]["decode"][b]
+            r["speedup_vs_hf"] = r["tok_s"] / hf["tok_s"]
+            hf["bandwidth_fraction"] = active_step_bytes(config, b) / hf["step_s"] / probes["read_bandwidth"]
+
+
+def format_report(report: dict[str, Any]) -> str:
+    p = report["probes"]
+    lines = [f"config {report['config']}, float32, {report['machine']['cpus']} cpus, jax {report['machine']['jax']}",
+             f"machine: read bandwidth {p['read_bandwidth'] / 1e9:.1f} GB/s, "
+             f"float32 matmul peak {p['matmul_peak'] / 1e9:.1f} GFLOP/s",
+             "", f"{'':22}{'mixtral_jax':>14}{'HF':>12}{'speedup':>10}{'of peak':>10}{'HF of peak':>12}"]
+    hf = report.get("hf", {"prefill": {}, "decode": {}})
+    for n, r in report["jax"]["prefill"].items():
+        h = hf["prefill"].get(n, {})
+        lines.append(f"prefill {n:>4} tok/s     {r['tok_s']:>14.1f}{h.get('tok_s', float('nan')):>12.1f}"
+                     f"{r.get('speedup_vs_hf', float('nan')):>9.2f}x{r['matmul_fraction']:>9.0%} "
+                     f"{h.get('matmul_fraction', float('nan')):>11.0%}")
+    for b, r in report["jax"]["decode"].items():
+        h = hf["decode"].get(b, {})
+        lines.append(f"decode batch {b} tok/s   {r['tok_s']:>14.1f}{h.get('tok_s', float('nan')):>12.1f}"
+                     f"{r.get('speedup_vs_hf', float('nan')):>9.2f}x{r['bandwidth_fraction']:>9.0%} "
+                     f"{h.get('bandwidth_fraction', float('nan')):>11.0%}")
+    s = report["jax"]["compile_sweep"]
+    lines += ["", "(prefill: fraction of matmul peak; decode: fraction of read bandwidth)",
+              f"compile: {s['programs']} programs, {s['seconds']:.1f} s over prompt lengths {s['prompt_lengths']}",
+              f"first prefill call (compile included): " + ", ".join(
+                  f"{n}: {r['first_call_s']:.1f} s" for n, r in report["jax"]["prefill"].items()),
+              f"peak RSS during generation: {report['peak_rss_over_weights']:.2f}x the weight bytes"]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    rss_child(sys.argv[2])  # `python -m mixtral_jax.bench --rss-child CKPT`, started by measure_rss
