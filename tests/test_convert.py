@@ -194,7 +194,7 @@ def test_bfloat16_stays_bfloat16_and_dtype_flag(hf, tmp_path):
     info = json.loads(run_cli("info", tmp_path / "again", "--json").stdout)
     assert info["dtype"] == "bfloat16" and info["parameters"] == mj.model.count_params(GQA)
     assert all(a.dtype == "bfloat16" for a in all_tensors(tmp_path / "hf_bf16").values())
-    assert mj.load(tmp_path / "again", dtype="bfloat16").params["layers_2"]["w_down"].dtype == "bfloat16"
+    assert mj.load(tmp_path / "again", dtype="bfloat16", layout="stacked").params["layers_2"]["w_down"].dtype == "bfloat16"
 
 
 def test_tokenizer_travels_with_the_checkpoint(hf, tmp_path):
