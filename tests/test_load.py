@@ -42,7 +42,7 @@ def test_dtype_and_tokenizer(hf, tmp_path):
     _, path = hf
     m = mj.load(path)
     assert m.tokenizer is None and m.params["embed"].dtype == np.float32
-    assert mj.load(path, dtype="bfloat16").params["layers_1"]["w_up"].dtype == "bfloat16"
+    assert mj.load(path, dtype="bfloat16", layout="stacked").params["layers_1"]["w_up"].dtype == "bfloat16"
     shutil.copytree(path, tmp_path / "with_tok")
     shutil.copy(mj.Tokenizer().path, tmp_path / "with_tok" / "tokenizer.model")
     assert mj.load(tmp_path / "with_tok").tokenizer.vocab_size == 32000
