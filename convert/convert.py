@@ -8,19 +8,18 @@ existing OUT is never touched.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
 import shutil
 import sys
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable
 
 import jax.numpy as jnp
 import numpy as np
 
-from mixtral_jax.checkpoint import (MANIFEST, TOKENIZER_FILE, item_names, read_manifest, resolve_dtype,
-                                    restore_item, save_item, write_manifest)
+from mixtral_jax.checkpoint import (MANIFEST, TOKENIZER_FILE, atomic_folder, item_names, read_manifest,
+                                    resolve_dtype, restore_item, save_item, write_manifest)
 from mixtral_jax.config import MixtralConfig
 from mixtral_jax.model import count_params
 from mixtral_jax.quant import quantize_layer
@@ -31,25 +30,6 @@ from .safetensors_io import SafetensorsWriter, write_safetensors
 from .sources import detect_format, item_nbytes, open_source, plan, read_item
 
 log = logging.getLogger(__name__)
-
-
-@contextlib.contextmanager
-def atomic_folder(out: str) -> Iterator[str]:
-    """A temporary sibling of `out`, renamed to `out` on success and removed on any failure."""
-    out = os.path.abspath(out)
-    if os.path.lexists(out):
-        raise CheckpointError(f"{out}: already exists; not overwriting")
-    parent = os.path.dirname(out)
-    if not os.path.isdir(parent):
-        raise CheckpointError(f"{parent}: output folder's parent does not exist")
-    tmp = f"{out}.partial-{os.getpid()}"
-    os.mkdir(tmp)
-    try:
-        yield tmp
-        os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _progress(total: int, desc: str):

@@ -13,11 +13,13 @@ One orbax item per layer keeps conversion and restore at about one layer of host
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import logging
 import os
-from typing import Any
+import shutil
+from typing import Any, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -69,6 +71,47 @@ def item_specs(config: MixtralConfig, item: str) -> dict[str, Any]:
     if item == "globals":
         return {k: v for k, v in specs.items() if not k.startswith("layers_")}
     return specs[item]
+
+
+@contextlib.contextmanager
+def atomic_folder(out: str) -> Iterator[str]:
+    """A temporary sibling of `out`, renamed to `out` on success and removed on any failure, so an
+    interrupted write never leaves a folder that looks complete. An existing `out` is refused."""
+    from mixtral_convert import CheckpointError
+
+    out = os.path.abspath(out)
+    if os.path.lexists(out):
+        raise CheckpointError(f"{out}: already exists; not overwriting")
+    parent = os.path.dirname(out)
+    if not os.path.isdir(parent):
+        raise CheckpointError(f"{parent}: output folder's parent does not exist")
+    tmp = f"{out}.partial-{os.getpid()}"
+    os.mkdir(tmp)
+    try:
+        yield tmp
+        os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def save(path, config: MixtralConfig, params, *, dtype=None, tokenizer: str | None = None) -> None:
+    """Write `params` (canonical layout) as a new project checkpoint folder `path`.
+
+    Args:
+      path: the folder to create (must not exist; written under a temporary name, then renamed).
+      config: the model config.
+      params: canonical parameter pytree (stacked experts, unquantized).
+      dtype: None keeps the parameters' dtype; else "float32", "bfloat16" or "float16".
+      tokenizer: a tokenizer.model to copy in, or None.
+    """
+    dt = np.dtype(jax.tree.leaves(params)[0].dtype) if dtype is None else resolve_dtype(dtype)
+    with atomic_folder(os.fspath(path)) as tmp:
+        for item, leaves in param_items(config, params):
+            save_item(tmp, item, jax.tree.map(lambda a: jnp.asarray(a, dt), leaves))
+        write_manifest(tmp, config, dt)
+        if tokenizer:
+            shutil.copy(tokenizer, os.path.join(tmp, TOKENIZER_FILE))
 
 
 def _checkpointer():

@@ -128,8 +128,15 @@ class MixtralConfig:
                    d_ff=224, n_experts=8, top_k=2, max_seq_len=2048)
 
     @classmethod
+    def demo(cls) -> "MixtralConfig":
+        """The built-in demo model's shape: 8 experts top-2, GQA, the Mixtral v1 vocabulary; ~20 M
+        parameters (trained by `mixtral-jax train`; see TRAINING.md)."""
+        return cls(vocab_size=32000, d_model=192, n_layers=4, n_heads=6, n_kv_heads=2, head_dim=32,
+                   d_ff=384, n_experts=8, top_k=2, max_seq_len=512)
+
+    @classmethod
     def preset(cls, name: str) -> "MixtralConfig":
-        """A preset by name: mixtral-8x7b, mixtral-8x22b, small, tiny (dashes or underscores)."""
+        """A preset by name: mixtral-8x7b, mixtral-8x22b, small, tiny, demo (dashes or underscores)."""
         key = name.replace("-", "_").lower()
         if key not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; choose from {', '.join(sorted(PRESETS))}")
@@ -235,7 +242,7 @@ class MixtralConfig:
             warnings.warn("rope_theta=1e4 is Llama's value; Mixtral uses 1e6", UserWarning, stacklevel=3)
 
 
-PRESETS = ("mixtral_8x7b", "mixtral_8x22b", "small", "tiny")
+PRESETS = ("mixtral_8x7b", "mixtral_8x22b", "small", "tiny", "demo")
 
 
 def _require(d: Mapping[str, Any], key: str):

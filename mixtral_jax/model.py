@@ -204,7 +204,8 @@ def forward(config: MixtralConfig, params, tokens, *, lengths=None, cache=None,
       cache: KV cache from `init_cache` (or a previous call); new tokens are written after each
         row's `cache["lengths"]` and attend to everything before them.
       return_router_logits: also return router logits [L, B, T, E] float32.
-      moe_strategy: "auto", "dense", "gather" or "einsum" (see `mixtral_jax.moe`).
+      moe_strategy: "auto", "dense", "gather", "einsum", "sorted" or "ragged" (see `mixtral_jax.moe`;
+        "ragged" is the exact differentiable one).
       capacity_factor: einsum only; None (default) never drops a token. When tokens are dropped
         a warning is logged with the count.
       group_size: einsum routing-group bound.

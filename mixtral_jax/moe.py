@@ -7,9 +7,13 @@ exactly (no dropped tokens unless a capacity factor is asked for):
 - `gather`: reads only the selected experts' weights, one copy per (token, slot). For decode.
 - `einsum`: GShard dispatch/combine one-hot einsums over bounded routing groups with an expert
   capacity C; the expert axis of the dispatched activations is what expert parallelism shards.
-- `sorted`: assignments sorted by expert; each expert runs on its contiguous run of tokens in a
-  buffer whose size is picked at run time (`lax.switch`) from a few power-of-two buckets, so it
-  computes at most ~2x the useful rows and drops nothing. The fast exact prefill on one device.
+- `sorted`: assignments sorted by expert; each expert steps through its contiguous run of tokens a
+  fixed number of rows at a time (a `while_loop`, so one compiled body per expert whatever the
+  counts); it drops nothing and pads at most one partial step per expert. The fast exact prefill
+  on one device.
+- `ragged`: assignments sorted by expert, then `lax.ragged_dot` grouped matmuls. Differentiable
+  (`sorted`'s data-dependent loop is not), so it is the exact training path; the natural prefill
+  on TPU/GPU. On CPU XLA pads the groups, so it is slower than `sorted` there.
 
 Expert weights come stacked ([E, D, F] arrays, the canonical layout) or split (a tuple of E [D, F]
 arrays per weight, the CPU layout `load` returns: XLA copies a slice of a stacked parameter before
@@ -30,7 +34,7 @@ import jax.numpy as jnp
 from .quant import dequantize, take_expert
 from .sharding import constrain, experts_split, token_group_multiple
 
-STRATEGIES = ("auto", "dense", "gather", "einsum", "sorted")
+STRATEGIES = ("auto", "dense", "gather", "einsum", "sorted", "ragged")
 DEFAULT_GROUP_SIZE = 512
 
 
@@ -117,51 +121,77 @@ def moe_gather(x, routing: Routing, weights) -> jax.Array:
     return jnp.einsum("tx,txd->td", routing.weights, out.astype(jnp.float32)).astype(x.dtype)
 
 
-def sorted_buckets(n_tokens: int) -> tuple[int, ...]:
-    """Row-buffer sizes for `sorted`, capped at the token count (an expert never gets more than
-    every token). Up to 64 tokens: powers of two from 1 (XLA's CPU matmul cost grows quickly with
-    rows at decode sizes, and few branches keep compiles short). Above: a ladder in steps of 1.5x
-    and 4/3x from 8 (8, 12, 16, 24, ...), so an expert computes at most 1.5x the rows it needs."""
-    sizes, c = [], 1 if n_tokens <= 64 else 8
-    while c < n_tokens:
-        sizes.append(c)
-        c = c * 2 if n_tokens <= 64 else (c * 3 // 2 if c & (c - 1) == 0 else c * 4 // 3)
-    return tuple(sizes) + (n_tokens,)
+def sorted_chunk(n_tokens: int, n_experts: int, top_k: int) -> int:
+    """Rows per expert step for `sorted`. Up to 32 tokens: all of them, so each selected expert's
+    weights are read once (decode-sized inputs are bound by weight reads). Above: about half an
+    expert's average share, a power of two in [16, 64]: big enough for XLA's CPU matmuls to run
+    near peak, small enough that the last, partly empty step wastes little."""
+    if n_tokens <= 32:
+        return n_tokens
+    share = n_tokens * top_k // (2 * n_experts)
+    return min(64, max(16, 1 << max(0, share - 1).bit_length()))
 
 
-def moe_sorted(x, routing: Routing, valid, weights) -> jax.Array:
-    """Exact MoE with assignments sorted by expert and per-expert bucketed row buffers.
+def moe_sorted(x, routing: Routing, valid, weights, *, chunk: int | None = None) -> jax.Array:
+    """Exact MoE with assignments sorted by expert; each expert steps through its contiguous run of
+    tokens `chunk` rows at a time in a `while_loop` (one compiled body per expert, whatever the
+    token counts; the last step's spare rows get zero gates).
 
     Args:
       x: [T, D]; valid: [T] bool (padding takes no rows); weights: split or stacked.
+      chunk: rows per step (default `sorted_chunk`).
     Returns:
       y [T, D].
     """
     n_tokens, k = routing.experts.shape
     n_experts = routing.logits.shape[-1]
+    rows = chunk or sorted_chunk(n_tokens, n_experts, k)
     experts = jnp.where(valid[:, None], routing.experts, n_experts).reshape(-1)   # [T*X], pad -> E
     order = jnp.argsort(experts, stable=True)
-    token_of = (jnp.arange(n_tokens * k, dtype=jnp.int32) // k)[order]
-    weight_of = routing.weights.reshape(-1)[order]
+    tail = jnp.zeros((rows,), jnp.int32)                                           # room to read past the end
+    token_of = jnp.concatenate([(jnp.arange(n_tokens * k, dtype=jnp.int32) // k)[order], tail])
+    weight_of = jnp.concatenate([routing.weights.reshape(-1)[order], tail.astype(jnp.float32)])
     counts = jnp.bincount(experts, length=n_experts + 1)[:n_experts]               # [E]
     starts = jnp.cumsum(counts) - counts
-    buckets = sorted_buckets(n_tokens)
-    tail = jnp.zeros((buckets[-1],), jnp.int32)
-    token_of = jnp.concatenate([token_of, tail])                                    # room to slice past the end
-    weight_of = jnp.concatenate([weight_of, tail.astype(jnp.float32)])
-    bucket_of = jnp.searchsorted(jnp.asarray(buckets), counts)                      # first bucket >= count
     y = jnp.zeros(x.shape, jnp.float32)
     for e in range(n_experts):
         w_e = tuple(take_expert(w, e) for w in weights)
 
-        def run(rows: int, e=e, w_e=w_e):
-            idx = jax.lax.dynamic_slice(token_of, (starts[e],), (rows,))
-            gate = jax.lax.dynamic_slice(weight_of, (starts[e],), (rows,)) * (jnp.arange(rows) < counts[e])
+        def step(i, y, e=e, w_e=w_e):
+            offset = i * rows
+            idx = jax.lax.dynamic_slice(token_of, (starts[e] + offset,), (rows,))
+            gate = jax.lax.dynamic_slice(weight_of, (starts[e] + offset,), (rows,))
+            gate = gate * (offset + jnp.arange(rows) < counts[e])
             out = _expert_ffn(x[idx], *w_e).astype(jnp.float32)                     # [rows, D]
-            return jnp.zeros(y.shape, jnp.float32).at[idx].add(gate[:, None] * out)
+            return y.at[idx].add(gate[:, None] * out)
 
-        branches = [lambda: jnp.zeros(y.shape, jnp.float32)] + [lambda c=c: run(c) for c in buckets]
-        y = y + jax.lax.switch(jnp.where(counts[e] > 0, bucket_of[e] + 1, 0), branches)
+        y = jax.lax.fori_loop(0, (counts[e] + rows - 1) // rows, step, y)
+    return y.astype(x.dtype)
+
+
+def moe_ragged(x, routing: Routing, valid, weights) -> jax.Array:
+    """Exact MoE as grouped matmuls over assignments sorted by expert (differentiable).
+
+    Args:
+      x: [T, D]; valid: [T] bool (padding assignments get zero gates); weights: split or stacked
+        (split ones are stacked first: a copy).
+    Returns:
+      y [T, D].
+    """
+    n_tokens, k = routing.experts.shape
+    n_experts = routing.logits.shape[-1]
+    w_gate, w_up, w_down = _stacked(weights, x.dtype)
+    experts = jnp.where(valid[:, None], routing.experts, n_experts).reshape(-1)   # [T*X], pad -> E
+    order = jnp.argsort(experts, stable=True)
+    token_of = (jnp.arange(n_tokens * k, dtype=jnp.int32) // k)[order]
+    gate = jnp.where(experts[order] < n_experts, routing.weights.reshape(-1)[order], 0.0)
+    counts = jnp.bincount(experts, length=n_experts + 1)
+    sizes = counts[:n_experts].at[-1].add(counts[-1])        # padding rides in the last group, gated 0
+    xs = x[token_of]                                                                # [T*X, D]
+    h = (jax.nn.silu(jax.lax.ragged_dot(xs, w_gate, sizes))
+         * jax.lax.ragged_dot(xs, w_up, sizes))                                     # [T*X, F]
+    out = jax.lax.ragged_dot(h, w_down, sizes).astype(jnp.float32)                  # [T*X, D]
+    y = jnp.zeros(x.shape, jnp.float32).at[token_of].add(gate[:, None] * out)
     return y.astype(x.dtype)
 
 
@@ -267,6 +297,8 @@ def moe(x, layer, *, top_k: int, valid=None, strategy: str = "auto",
         y = moe_gather(x, routing, weights)
     elif strategy == "sorted":
         y = moe_sorted(x, routing, valid, weights)
+    elif strategy == "ragged":
+        y = moe_ragged(x, routing, valid, weights)
     else:
         y, dropped = moe_einsum(x, routing, valid, weights, group_size=group_size,
                                 capacity_factor=capacity_factor, mesh=mesh)

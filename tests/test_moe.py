@@ -8,7 +8,7 @@ import pytest
 import mixtral_jax as mj
 from mixtral_jax import moe as moe_lib
 from conftest import GQA, hf_model
-from tolerances import LAYER_ATOL, STRATEGY_ATOL
+from tolerances import GRAD_TOL, LAYER_ATOL, STRATEGY_ATOL
 
 
 def layer_and_input(config, rng, n_tokens=37):
@@ -112,7 +112,7 @@ def test_unknown_strategy_is_rejected(rng):
         mj.forward(GQA, mj.init_params(GQA), [[1, 2]], moe_strategy="magic")
 
 
-@pytest.mark.parametrize("strategy", ["dense", "gather", "einsum", "sorted"])
+@pytest.mark.parametrize("strategy", ["dense", "gather", "einsum", "sorted", "ragged"])
 @pytest.mark.parametrize("n_tokens", [1, 3, 37, 64])
 def test_split_layout_and_sorted_equal_the_oracle(rng, strategy, n_tokens):
     """Per-expert (split) leaves give the same results as stacked ones, for every strategy."""
@@ -132,5 +132,31 @@ def test_sorted_ignores_padding_tokens(rng):
     y, _, _ = moe_lib.moe(x, mj.model.split_layer(params), top_k=2, strategy="sorted", valid=valid)
     ref, _, _ = moe_lib.moe(x[:25], params, top_k=2, strategy="dense")
     np.testing.assert_allclose(np.asarray(y)[:25], np.asarray(ref), atol=STRATEGY_ATOL, rtol=0)
-    assert moe_lib.sorted_buckets(40) == (1, 2, 4, 8, 16, 32, 40)
-    assert moe_lib.sorted_buckets(3) == (1, 2, 3) and moe_lib.sorted_buckets(512)[:4] == (8, 12, 16, 24)
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 16])
+def test_sorted_steps_of_any_size_are_exact(rng, chunk):
+    """Experts whose run spans several steps, with a partly empty last step, still equal the oracle."""
+    params, x = layer_and_input(GQA, rng, 37)
+    routing = moe_lib.route(x, params["router"], 2)
+    weights = tuple(mj.model.split_layer(params)[k] for k in ("w_gate", "w_up", "w_down"))
+    y = moe_lib.moe_sorted(x, routing, jnp.ones(37, bool), weights, chunk=chunk)
+    ref, _, _ = moe_lib.moe(x, params, top_k=2, strategy="dense")
+    np.testing.assert_allclose(np.asarray(y), np.asarray(ref), atol=STRATEGY_ATOL, rtol=0)
+    assert moe_lib.sorted_chunk(8, 8, 2) == 8 and moe_lib.sorted_chunk(512, 8, 2) == 64
+    assert moe_lib.sorted_chunk(100, 8, 2) == 16
+
+
+def test_ragged_gradients_equal_the_oracle(rng):
+    """`ragged` is the training path: its gradients (inputs and every weight) equal dense's."""
+    params, x = layer_and_input(GQA, rng, 24)
+    valid = jnp.arange(24) < 20
+
+    def loss(p, x, strategy):
+        y, _, _ = moe_lib.moe(x, p, top_k=2, strategy=strategy, valid=valid)
+        return jnp.sum(jnp.where(valid[:, None], y, 0.0) ** 2)
+
+    got = jax.grad(loss, argnums=(0, 1))(params, x, "ragged")
+    ref = jax.grad(loss, argnums=(0, 1))(params, x, "dense")
+    for g, r in zip(jax.tree.leaves(got), jax.tree.leaves(ref)):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(r), atol=GRAD_TOL, rtol=GRAD_TOL)

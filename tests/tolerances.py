@@ -4,3 +4,5 @@ LAYER_ATOL = 1e-5        # rms_norm, rope, attention, moe block vs HF torch modu
 LOGITS_ATOL = 1e-4       # whole tiny model vs HF MixtralForCausalLM (float32)
 CACHE_ATOL = 1e-5        # cached decode vs our own uncached forward (float32)
 STRATEGY_ATOL = 1e-5     # every MoE strategy vs the dense oracle (float32)
+GRAD_TOL = 1e-4          # gradients of two exact implementations (float32; atol and rtol)
+AUX_ATOL = 1e-6          # load-balancing loss vs HF load_balancing_loss_func

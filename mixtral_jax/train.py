@@ -1,0 +1,362 @@
+"""Training: the loss, an AdamW train step that runs on a mesh, and a loop with exact resume.
+
+Loss (per batch, over valid positions only):
+
+    loss = CE + router_aux_loss_coef * aux + z_loss_coef * z
+
+- CE: mean next-token cross-entropy (nats) over target positions that are valid.
+- aux: the Switch Transformer load-balancing loss exactly as HF's `load_balancing_loss_func`
+  computes it: router softmax over all E experts, top-k chosen from it; pooled over all layers and
+  valid tokens, f[x, e] = share of (layer, token) pairs whose x-th choice is e and P[e] = mean
+  router probability of e; aux = E * sum_{x,e} f[x, e] * P[e]. Perfect balance gives aux = k
+  (each f[x, e] = P[e] = 1/E); layers are pooled, not averaged separately.
+- z: the ST-MoE router z-loss, mean over layers and valid tokens of logsumexp(router logits)^2.
+
+Rows are right-padded: `lengths[b]` tokens of row b are valid. The model reads tokens[:, :-1];
+position t is a valid input when t < lengths[b] and a valid target when t + 1 < lengths[b].
+
+Data order is a pure function of (seed, step) (`batch_at`), so a resumed run sees exactly the
+batches an uninterrupted one would, and its losses are identical.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import struct
+
+from .config import MixtralConfig
+from .corpus import DOMAINS
+from .model import decoder, init_params, lm_head, shard_params
+from .sharding import sharding_for
+
+log = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.jsonl"
+CHECKPOINTS = "checkpoints"
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation and loop settings (frozen, hashable: a static argument of the jitted step)."""
+    steps: int = 1000
+    batch_size: int = 16
+    seq_len: int = 256
+    learning_rate: float = 3e-3
+    warmup_steps: int = 100
+    end_lr_ratio: float = 0.1       # cosine decays to learning_rate * end_lr_ratio at `steps`
+    weight_decay: float = 0.1       # AdamW; not applied to norms
+    b1: float = 0.9
+    b2: float = 0.95
+    grad_clip: float = 1.0          # global norm
+    z_loss_coef: float = 0.0
+    seed: int = 0
+    domain_weights: tuple[float, ...] = (0.6, 0.25, 0.15)  # code, prose, math
+    log_every: int = 10
+    eval_every: int = 100
+    eval_batches: int = 4
+    save_every: int = 100
+    keep: int = 3
+    moe_strategy: str = "ragged"    # exact and differentiable (mixtral_jax.moe)
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "seq_len", "log_every", "eval_every", "eval_batches",
+                     "save_every", "keep"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
+        if self.warmup_steps < 0 or not self.learning_rate > 0:
+            raise ValueError("learning_rate must be > 0 and warmup_steps >= 0")
+        if len(self.domain_weights) != len(DOMAINS) or min(self.domain_weights) < 0 or not sum(self.domain_weights) > 0:
+            raise ValueError(f"domain_weights: {len(DOMAINS)} non-negative numbers, not all zero")
+
+
+@struct.dataclass
+class TrainState:
+    step: jax.Array      # completed optimizer steps, int32
+    params: Any
+    opt_state: Any
+
+
+def load_balancing_loss(router_logits: jax.Array, top_k: int, mask: jax.Array | None = None) -> jax.Array:
+    """HF's `load_balancing_loss_func` (see the module docstring).
+
+    Args:
+      router_logits: [L, B, T, E] (any float dtype; computed in float32).
+      top_k: experts per token.
+      mask: [B, T], 1 for valid tokens (None: all valid).
+    Returns:
+      scalar float32.
+    """
+    n_experts = router_logits.shape[-1]
+    probs = jax.nn.softmax(router_logits.astype(jnp.float32), axis=-1)            # [L, B, T, E]
+    _, chosen = jax.lax.top_k(probs, top_k)                                       # [L, B, T, X]
+    m = jnp.ones(probs.shape[:-1]) if mask is None else jnp.broadcast_to(mask, probs.shape[:-1])
+    m = m.astype(jnp.float32)                                                     # [L, B, T]
+    n = jnp.sum(m)
+    share = jnp.einsum("lbtxe,lbt->xe", jax.nn.one_hot(chosen, n_experts), m) / n  # [X, E]
+    prob = jnp.einsum("lbte,lbt->e", probs, m) / n                                 # [E]
+    return n_experts * jnp.sum(share * prob[None, :])
+
+
+def router_z_loss(router_logits: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+    """Mean over layers and valid tokens of logsumexp(router logits)^2. [L, B, T, E] -> scalar."""
+    z = jax.nn.logsumexp(router_logits.astype(jnp.float32), axis=-1) ** 2          # [L, B, T]
+    m = jnp.ones(z.shape) if mask is None else jnp.broadcast_to(mask, z.shape).astype(jnp.float32)
+    return jnp.sum(z * m) / jnp.sum(m)
+
+
+def routing_stats(router_logits: jax.Array, top_k: int, mask: jax.Array) -> dict[str, jax.Array]:
+    """Per layer: each expert's share of top-k assignments [L, E] and mean routing entropy [L]."""
+    probs = jax.nn.softmax(router_logits.astype(jnp.float32), axis=-1)            # [L, B, T, E]
+    _, chosen = jax.lax.top_k(probs, top_k)
+    m = mask.astype(jnp.float32)                                                   # [B, T]
+    load = jnp.einsum("lbtxe,bt->le", jax.nn.one_hot(chosen, probs.shape[-1]), m) / (top_k * jnp.sum(m))
+    entropy = -jnp.sum(probs * jnp.log(jnp.maximum(probs, 1e-30)), axis=-1)        # [L, B, T]
+    return {"expert_load": load, "routing_entropy": jnp.einsum("lbt,bt->l", entropy, m) / jnp.sum(m)}
+
+
+def loss_fn(params, config: MixtralConfig, tc: TrainConfig, tokens: jax.Array, lengths: jax.Array):
+    """Total loss and its parts for right-padded rows tokens [B, S] with `lengths` [B].
+
+    Returns:
+      (loss scalar, metrics dict: loss, ce, aux, z, expert_load [L, E], routing_entropy [L]).
+    """
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    t = inputs.shape[1]
+    in_len = jnp.minimum(lengths, t)
+    pos = jnp.arange(t)[None, :]
+    in_mask = pos < in_len[:, None]                                                # [B, T]
+    tgt_mask = (pos + 1 < lengths[:, None]).astype(jnp.float32)                    # [B, T]
+    hidden, _, router_logits, _ = decoder(config, params, inputs, in_len, None, moe_strategy=tc.moe_strategy)
+    logits = lm_head(params, hidden)                                               # [B, T, V]
+    ce_all = optax.softmax_cross_entropy_with_integer_labels(logits, targets)      # [B, T]
+    ce = jnp.sum(ce_all * tgt_mask) / jnp.maximum(jnp.sum(tgt_mask), 1.0)
+    aux = load_balancing_loss(router_logits, config.top_k, in_mask)
+    z = router_z_loss(router_logits, in_mask)
+    loss = ce + config.router_aux_loss_coef * aux + tc.z_loss_coef * z
+    return loss, {"loss": loss, "ce": ce, "aux": aux, "z": z,
+                  **routing_stats(jax.lax.stop_gradient(router_logits), config.top_k, in_mask)}
+
+
+def learning_rate_schedule(tc: TrainConfig) -> optax.Schedule:
+    """Linear warm-up from 0 over `warmup_steps`, then cosine to `end_lr_ratio` at `steps`."""
+    return optax.warmup_cosine_decay_schedule(0.0, tc.learning_rate, tc.warmup_steps,
+                                              max(tc.steps, tc.warmup_steps + 1),
+                                              tc.learning_rate * tc.end_lr_ratio)
+
+
+def make_optimizer(tc: TrainConfig) -> optax.GradientTransformation:
+    """Global-norm clipping, then AdamW on the schedule (no weight decay on 1-D leaves: norms)."""
+    return optax.chain(
+        optax.clip_by_global_norm(tc.grad_clip),
+        optax.adamw(learning_rate_schedule(tc), b1=tc.b1, b2=tc.b2, weight_decay=tc.weight_decay,
+                    mask=lambda params: jax.tree.map(lambda a: a.ndim > 1, params)))
+
+
+def init_state(config: MixtralConfig, tc: TrainConfig, mesh=None, params=None) -> TrainState:
+    """Fresh parameters (seed `tc.seed`, float32) and optimizer state, placed on `mesh` if given."""
+    params = init_params(config, seed=tc.seed) if params is None else params
+    if mesh is not None:
+        params = shard_params(config, params, mesh)
+    opt_state = jax.jit(make_optimizer(tc).init)(params)  # moments inherit the params' shardings
+    return TrainState(jnp.zeros((), jnp.int32), params, opt_state)
+
+
+def train_step(config: MixtralConfig, tc: TrainConfig, state: TrainState, tokens, lengths):
+    """One AdamW step. Returns (new state, metrics incl. grad_norm and lr)."""
+    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, config, tc, tokens, lengths)
+    updates, opt_state = make_optimizer(tc).update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = dict(metrics, grad_norm=optax.global_norm(grads), lr=learning_rate_schedule(tc)(state.step))
+    return TrainState(state.step + 1, params, opt_state), metrics
+
+
+# The state is donated: parameters and moments are updated in place.
+train_step_jit = jax.jit(train_step, static_argnums=(0, 1), donate_argnums=(2,))
+
+
+def _eval_ce(config, tc, params, tokens, lengths):
+    return loss_fn(params, config, tc, tokens, lengths)[1]["ce"]
+
+
+_eval_ce_jit = jax.jit(_eval_ce, static_argnums=(0, 1))
+
+
+def batch_at(corpus, split: str, step: int, tc: TrainConfig, domain: str | None = None) -> np.ndarray:
+    """The batch for `step`: [batch_size, seq_len + 1] windows at random offsets of the streams.
+
+    Each row's domain is drawn by `tc.domain_weights` (or fixed to `domain`). A pure function of
+    (tc.seed, split, step): resuming replays the same data.
+    """
+    rng = np.random.default_rng([tc.seed, SPLIT_IDS[split], step])
+    p = np.asarray(tc.domain_weights, np.float64) / sum(tc.domain_weights)
+    rows = []
+    for _ in range(tc.batch_size):
+        d = domain or DOMAINS[rng.choice(len(DOMAINS), p=p)]
+        stream = corpus[split, d]
+        start = int(rng.integers(0, max(1, len(stream) - tc.seq_len - 1)))
+        row = np.asarray(stream[start:start + tc.seq_len + 1], np.int32)
+        rows.append(np.pad(row, (0, tc.seq_len + 1 - len(row))))
+    return np.stack(rows)
+
+
+SPLIT_IDS = {"train": 0, "val": 1}
+
+
+def evaluate(config: MixtralConfig, tc: TrainConfig, params, corpus, place: Callable) -> dict[str, float]:
+    """Held-out cross-entropy per domain on `tc.eval_batches` fixed batches each."""
+    out = {}
+    for i, d in enumerate(DOMAINS):
+        losses = []
+        for j in range(tc.eval_batches):
+            tokens = batch_at(corpus, "val", j * len(DOMAINS) + i, tc, domain=d)
+            lengths = np.full((len(tokens),), tokens.shape[1], np.int32)
+            losses.append(float(_eval_ce_jit(config, tc, params, *place(tokens, lengths))))
+        out[d] = float(np.mean(losses))
+    return out
+
+
+def _placer(tc: TrainConfig, mesh):
+    """Host batch -> device arrays, rows split over the mesh's data axis (every process builds the
+    same global batch, so this works multi-host too)."""
+    if mesh is None:
+        return lambda tokens, lengths: (jnp.asarray(tokens), jnp.asarray(lengths))
+
+    def place(tokens, lengths):
+        t = sharding_for(tokens.shape, ("batch", "sequence"), mesh)
+        n = sharding_for(lengths.shape, ("batch",), mesh)
+        return (jax.make_array_from_callback(tokens.shape, t, lambda i: tokens[i]),
+                jax.make_array_from_callback(lengths.shape, n, lambda i: lengths[i]))
+    return place
+
+
+# Fields that change the numbers of a run: resuming with other values would not be exact.
+_RUN_FIELDS = ("batch_size", "seq_len", "learning_rate", "warmup_steps", "end_lr_ratio", "weight_decay",
+               "b1", "b2", "grad_clip", "z_loss_coef", "seed", "domain_weights", "moe_strategy")
+
+
+def _run_meta(config: MixtralConfig, tc: TrainConfig) -> dict:
+    return {"config": config.to_dict(), "train": {k: getattr(tc, k) for k in _RUN_FIELDS} | {"steps": tc.steps}}
+
+
+def _check_resumable(meta: dict, config: MixtralConfig, tc: TrainConfig, folder: str) -> None:
+    want = json.loads(json.dumps(_run_meta(config, tc)))
+    if meta["config"] != want["config"]:
+        raise ValueError(f"{folder}: holds a run of another model config; use a new output folder")
+    changed = [k for k in _RUN_FIELDS if meta["train"].get(k) != want["train"][k]]
+    if changed:
+        raise ValueError(f"{folder}: cannot resume exactly with changed {', '.join(changed)}; "
+                         "use the original values or a new output folder")
+    if meta["train"]["steps"] != tc.steps:
+        log.warning("resuming with steps=%d (was %d): the learning-rate schedule changes",
+                    tc.steps, meta["train"]["steps"])
+
+
+def _trim_metrics(path: str, step: int) -> None:
+    """Drop log lines past the step a run resumes from (they will be written again)."""
+    if not os.path.isfile(path):
+        return
+    with open(path, encoding="utf-8") as f:
+        keep = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+    with open(path, "w", encoding="utf-8") as f:
+        f.writelines(keep)
+
+
+def _to_python(tree) -> Any:
+    return jax.tree.map(lambda a: np.asarray(a).tolist(), jax.device_get(tree))
+
+
+def train(config: MixtralConfig, tc: TrainConfig, out: str, corpus, *, mesh=None, progress: bool = True,
+          params=None, stop_after: int | None = None) -> dict:
+    """Train, or resume the run in `out`, up to `tc.steps` steps.
+
+    Args:
+      config: the model.
+      tc: the run's settings.
+      out: run folder: `checkpoints/` (orbax CheckpointManager: async saves every `save_every`
+        steps and at the end, keeping `keep`) and `metrics.jsonl` (one line per `log_every` steps:
+        step, loss, ce, aux, z, lr, grad_norm, tokens_per_s, expert_load [L][E], routing_entropy
+        [L]; one line per evaluation: step, eval {domain: held-out ce}).
+      corpus: `mixtral_jax.corpus.load_corpus(folder)`.
+      mesh: a mesh to train on (data parallel over `data`, parameters per the sharding rules).
+      progress: show a progress bar (on stderr, when it is a terminal).
+      params: initial parameters instead of a fresh init (ignored when resuming).
+      stop_after: stop (and save) once this many steps are done, as an interruption would; a
+        later call resumes. None runs to `tc.steps`.
+    Returns:
+      {"state": TrainState, "history": the metrics records of this call, "eval": the last eval}.
+    Raises:
+      KeyboardInterrupt after saving the current step (rerun to resume).
+    """
+    import orbax.checkpoint as ocp
+    from tqdm import tqdm
+
+    os.makedirs(out, exist_ok=True)
+    manager = ocp.CheckpointManager(
+        os.path.abspath(os.path.join(out, CHECKPOINTS)),
+        options=ocp.CheckpointManagerOptions(max_to_keep=tc.keep, enable_async_checkpointing=True))
+    metrics_path = os.path.join(out, METRICS_FILE)
+    state = init_state(config, tc, mesh, params)
+    latest = manager.latest_step()
+    if latest is not None:
+        meta = manager.restore(latest, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        _check_resumable(meta, config, tc, out)
+        abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
+                                dataclasses.asdict(state))
+        restored = manager.restore(latest, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
+        state = TrainState(**restored["state"])
+        _trim_metrics(metrics_path, latest)
+        log.info("resumed %s at step %d", out, latest)
+    step = int(state.step)
+
+    def save(step: int) -> None:
+        if manager.latest_step() != step:
+            manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(dataclasses.asdict(state)),
+                                                       meta=ocp.args.JsonSave(_run_meta(config, tc))))
+
+    place = _placer(tc, mesh)
+    history, last_eval = [], None
+    bar = tqdm(total=tc.steps, initial=step, desc="train", unit="step", disable=not progress)
+    clock, seen = time.perf_counter(), 0
+    try:
+        with open(metrics_path, "a", encoding="utf-8") as log_file:
+            while step < min(tc.steps, stop_after or tc.steps):
+                tokens = batch_at(corpus, "train", step, tc)
+                lengths = np.full((len(tokens),), tokens.shape[1], np.int32)
+                state, metrics = train_step_jit(config, tc, state, *place(tokens, lengths))
+                step, seen = step + 1, seen + tokens[:, 1:].size
+                if step % tc.log_every == 0 or step == tc.steps:
+                    now = time.perf_counter()
+                    record = {"step": step, **_to_python(metrics), "tokens_per_s": seen / (now - clock)}
+                    clock, seen = now, 0
+                    history.append(record)
+                    log_file.write(json.dumps(record) + "\n")
+                    log_file.flush()
+                    bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
+                if step % tc.eval_every == 0 or step == tc.steps:
+                    last_eval = evaluate(config, tc, state.params, corpus, place)
+                    log_file.write(json.dumps({"step": step, "eval": last_eval}) + "\n")
+                    log_file.flush()
+                    log.info("step %d held-out ce %s", step, last_eval)
+                    clock = time.perf_counter()  # evaluation time is not training throughput
+                if step % tc.save_every == 0 or step in (tc.steps, stop_after):
+                    save(step)
+                bar.update(1)
+    except KeyboardInterrupt:
+        save(step)
+        log.warning("interrupted at step %d; saved to %s (run again to resume)", step, out)
+        raise
+    finally:
+        bar.close()
+        manager.wait_until_finished()
+        manager.close()
+    return {"state": state, "history": history, "eval": last_eval}
