@@ -39,6 +39,15 @@ TOKENIZER_FILE = "tokenizer.model"
 FORMAT_VERSION = 1
 
 
+def demo_model_path() -> str:
+    """The built-in demo model shipped inside the package (see TRAINING.md)."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo")
+    if not os.path.isfile(os.path.join(path, MANIFEST)):
+        raise FileNotFoundError(f"{path}: the built-in demo model is missing from this install; "
+                                "pass --checkpoint PATH")
+    return path
+
+
 def resolve_dtype(dtype):
     """None -> the platform default; "float32"/"bfloat16"/"float16" or a dtype -> a numpy dtype."""
     if dtype is None:

@@ -124,24 +124,94 @@ SAMPLING_FIELDS = ("max_new_tokens", "temperature", "top_k", "top_p", "min_p", "
 
 
 def load_model(args):
-    """The model named by --checkpoint (with its tokenizer, else Mixtral's when the vocabulary fits)."""
+    """The model named by --checkpoint, else the built-in demo model (with its tokenizer, else
+    Mixtral's when the vocabulary fits), with the routing interventions the command has flags for."""
     import mixtral_jax as mj
+    from mixtral_jax.checkpoint import demo_model_path
     from mixtral_jax.scoring import tokenizer_for
 
-    if args.checkpoint is None:
-        raise UsageError("no built-in demo model yet: pass --checkpoint PATH (an orbax checkpoint from "
-                         "`mixtral-jax convert`, an HF folder or a Mistral folder), or run `mixtral-jax demo`")
+    path = args.checkpoint or demo_model_path()
     mesh = None
     if args.mesh:
         from mixtral_jax.sharding import make_mesh, parse_mesh
 
         mesh = make_mesh(**parse_mesh(args.mesh))
-    model = mj.load(args.checkpoint, dtype=args.dtype, mesh=mesh)
+    model = mj.load(path, dtype=args.dtype, mesh=mesh)
     try:
         model.tokenizer = tokenizer_for(model)
     except ValueError:
         pass  # token-id inputs still work; text inputs report the missing tokenizer
+    if getattr(args, "route_top_k", None) or getattr(args, "disable_experts", None) or getattr(args, "force_experts", None):
+        from mixtral_jax.routing import intervene
+
+        model = intervene(model, top_k=args.route_top_k, disabled=_expert_list(args.disable_experts),
+                          forced=_expert_list(args.force_experts))
     return model
+
+
+def _expert_list(text: str | None) -> list[int]:
+    try:
+        return [int(x) for x in (text or "").split(",") if x.strip()]
+    except ValueError:
+        raise UsageError(f"bad expert list {text!r}: expected e.g. 3,5") from None
+
+
+def _add_intervention_args(p) -> None:
+    p.add_argument("--top-k", dest="route_top_k", type=int, help="experts per token (default: the model's)")
+    p.add_argument("--disable-experts", help="comma-separated experts never routed to, in every layer")
+    p.add_argument("--force-experts", help="comma-separated experts always routed to, in every layer")
+
+
+def cmd_routing(args) -> int:
+    from mixtral_jax import routing
+
+    texts = []
+    labels = args.labels.split(",") if args.labels else [os.path.splitext(os.path.basename(f))[0] for f in args.files]
+    if len(labels) != len(args.files):
+        raise UsageError(f"--labels gives {len(labels)} labels for {len(args.files)} files")
+    for label, path in zip(labels, args.files):
+        try:
+            with open(path, encoding="utf-8") as f:
+                texts.append((label, f.read()))
+        except (OSError, UnicodeDecodeError) as e:
+            raise UsageError(f"{path}: cannot read ({e})") from None
+    model = load_model(args)
+    layers = routing.parse_layers(args.layers, model.config.n_layers)
+    report = routing.analyse(model, texts, layers)
+    if args.html:
+        page = routing.to_html(report, model.tokenizer)
+        _write_atomically(args.html, lambda f: f.write(page.encode("utf-8")))
+    if args.plot:
+        _write_atomically(args.plot, lambda f: routing.plot(report, f))
+    if args.json:
+        print(json.dumps(routing.summary(report)))
+        return 0
+    base = report["random_baseline"]
+    print(f"{report['experts']} experts, top-{report['top_k']}; random routing: same first choice "
+          f"{base['consecutive_same_top1']:.3f}, share any of two {base['consecutive_share_any']:.3f}")
+    for layer in report["per_layer"]:
+        print(f"layer {layer['layer']}:")
+        for d, r in layer["domains"].items():
+            shares = " ".join(f"{x:.2f}" for x in r["top1_share"])
+            print(f"  {d:>10} {r['tokens']:>6} tokens  same 1st {r['consecutive_same_top1']:.3f}  "
+                  f"any of 2 {r['consecutive_share_any']:.3f}  entropy {r['routing_entropy']:.2f}  "
+                  f"1st-choice shares {shares}")
+    return 0
+
+
+def _write_atomically(path: str, write) -> None:
+    """Write through a temporary sibling renamed into place: no half-written file on failure."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise UsageError(f"{path}: folder does not exist")
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".partial-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
 
 
 def _sampling(args) -> dict:
@@ -552,8 +622,21 @@ def build_parser() -> argparse.ArgumentParser:
                     help="dtype of OUT/model")
     tr.set_defaults(func=cmd_train)
 
+    rt = sub.add_parser("routing", help="routing analysis of files (a domain each): shares, "
+                                        "consecutive-token rates, entropy, co-activation")
+    _add_model_args(rt)
+    rt.add_argument("files", nargs="+", help="text files, one domain each (labelled by file name)")
+    rt.add_argument("--labels", help="comma-separated domain label per file (default: file names)")
+    rt.add_argument("--layers", default="0,mid,last", help="layers to analyse: integers, mid, last")
+    rt.add_argument("--json", action="store_true", help="print the figures as one JSON object")
+    rt.add_argument("--html", help="write a page colouring each token by its first-choice expert")
+    rt.add_argument("--plot", help="write a PNG of the shares and consecutive-token rates")
+    _add_intervention_args(rt)
+    rt.set_defaults(func=cmd_routing)
+
     score = sub.add_parser("score", help="tokens, mean NLL and perplexity of a text file")
     _add_model_args(score)
+    _add_intervention_args(score)
     score.add_argument("file")
     score.add_argument("--json", action="store_true", help='print {"tokens", "nll", "perplexity"}')
     score.set_defaults(func=cmd_score)

@@ -15,9 +15,10 @@ Parameter layout (canonical; what `init_params` returns and checkpoints hold), x
     final_norm           [D]          embed
     lm_head              [D, V]       embed, vocab
 
-A layer's leaves sit flat in one dict `params["layers_{i}"]`. `load` returns, on CPU, the split
-layout instead: each expert weight a tuple of E per-expert arrays (`split_experts`); `forward`
-and `generate` accept both. The KV cache is
+A layer's leaves sit flat in one dict `params["layers_{i}"]`; a layer may also hold an optional
+`router_bias` [E] (a routing intervention, `mixtral_jax.routing.intervene`; never in checkpoints).
+`load` returns, on CPU, the split layout instead: each expert weight a tuple of E per-expert arrays
+(`split_experts`); `forward` and `generate` accept both. The KV cache is
 `{"lengths": [B] int32, "layers_{i}": {"k": [B, S, K, H], "v": [B, S, K, H]}}`.
 """
 

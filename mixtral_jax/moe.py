@@ -45,7 +45,7 @@ class Routing(NamedTuple):
     experts: jax.Array  # [T, X] int32, ties broken toward the lower expert index
 
 
-def route(x: jax.Array, router: jax.Array, top_k: int) -> Routing:
+def route(x: jax.Array, router: jax.Array, top_k: int, bias: jax.Array | None = None) -> Routing:
     """Top-k routing in float32: softmax over the k largest logits.
 
     This equals HF's softmax over all experts, top-k, renormalise (the tests check it).
@@ -54,11 +54,15 @@ def route(x: jax.Array, router: jax.Array, top_k: int) -> Routing:
       x: [T, D] activations.
       router: [D, E] router weights.
       top_k: experts per token.
+      bias: optional [E] added to the logits for the selection only (an intervention: -inf
+        disables an expert, +inf forces it); the gates stay the softmax of the selected logits.
     Returns:
       Routing with logits [T, E], weights [T, X], experts [T, X].
     """
     logits = jnp.einsum("td,de->te", x.astype(jnp.float32), router.astype(jnp.float32))  # [T, E]
-    top_logits, experts = jax.lax.top_k(logits, top_k)  # lax.top_k keeps the lower index on ties
+    select = logits if bias is None else logits + bias.astype(jnp.float32)
+    _, experts = jax.lax.top_k(select, top_k)  # lax.top_k keeps the lower index on ties
+    top_logits = jnp.take_along_axis(logits, experts, axis=-1)                            # [T, X]
     return Routing(logits, jax.nn.softmax(top_logits, axis=-1), experts.astype(jnp.int32))
 
 
@@ -270,7 +274,7 @@ def moe(x, layer, *, top_k: int, valid=None, strategy: str = "auto",
     Args:
       x: [T, D] activations.
       layer: a layer's parameters with `router` [D, E], `w_gate`/`w_up` [E, D, F], `w_down` [E, F, D]
-        (or split: tuples of E per-expert arrays).
+        (or split: tuples of E per-expert arrays), and optionally `router_bias` [E] (see `route`).
       top_k: experts per token.
       valid: [T] bool, False for padding tokens (None: all valid).
       strategy: one of STRATEGIES.
@@ -284,7 +288,7 @@ def moe(x, layer, *, top_k: int, valid=None, strategy: str = "auto",
         raise ValueError(f"unknown MoE strategy {strategy!r}; choose from {', '.join(STRATEGIES)}")
     if capacity_factor is not None and not capacity_factor > 0:
         raise ValueError(f"capacity_factor must be > 0, got {capacity_factor!r}")
-    routing = route(x, layer["router"], top_k)
+    routing = route(x, layer["router"], top_k, layer.get("router_bias"))
     weights = (layer["w_gate"], layer["w_up"], layer["w_down"])
     if strategy == "auto":
         strategy = choose_strategy(x.shape[0], routing.logits.shape[-1], top_k, mesh)
