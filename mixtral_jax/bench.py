@@ -40,6 +40,20 @@ DECODE_TOKENS = 32
 SWEEP = tuple(range(1, 513, 17)) + (512,)
 
 
+def step_time(short: Callable[[], Any], long: Callable[[], Any], steps: int, runs: int) -> float:
+    """Seconds per decode step: the median over `runs` of (long - short) / steps, each pair timed
+    back to back (after one warm-up call of each) so machine noise affects both alike."""
+    short(), long()
+    diffs = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        short()
+        mid = time.perf_counter()
+        long()
+        diffs.append((time.perf_counter() - mid) - (mid - start))
+    return max(statistics.median(diffs), 1e-9) / steps
+
+
 def timed(fn: Callable[[], Any], runs: int) -> tuple[float, float]:
     """(first call seconds, median of `runs` later calls)."""
     start = time.perf_counter()
@@ -118,9 +132,9 @@ def bench_jax(model: Model, runs: int) -> dict[str, Any]:
         out["prefill"][n] = {"tok_s": n / median, "seconds": median, "first_call_s": first}
     for b in DECODE_BATCHES:
         prompts = [rng.integers(3, v, 16).tolist() for _ in range(b)]
-        _, one = timed(lambda: generate(model, prompts, max_new_tokens=1, stop_tokens=[]), runs)
-        _, many = timed(lambda: generate(model, prompts, max_new_tokens=DECODE_TOKENS + 1, stop_tokens=[]), runs)
-        step = (many - one) / DECODE_TOKENS
+        step = step_time(lambda: generate(model, prompts, max_new_tokens=1, stop_tokens=[]),
+                         lambda: generate(model, prompts, max_new_tokens=DECODE_TOKENS + 1, stop_tokens=[]),
+                         DECODE_TOKENS, runs)
         out["decode"][b] = {"tok_s": b / step, "step_s": step}
     return out
 
@@ -144,9 +158,7 @@ def bench_hf(hf_folder: str, config: MixtralConfig, runs: int) -> dict[str, Any]
             def gen(k):
                 return model.generate(ids, max_new_tokens=k, min_new_tokens=k, do_sample=False,
                                       pad_token_id=0, eos_token_id=None)
-            _, one = timed(lambda: gen(1), runs)
-            _, many = timed(lambda: gen(DECODE_TOKENS + 1), runs)
-            step = (many - one) / DECODE_TOKENS
+            step = step_time(lambda: gen(1), lambda: gen(DECODE_TOKENS + 1), DECODE_TOKENS, runs)
             out["decode"][b] = {"tok_s": b / step, "step_s": step}
     return out
 

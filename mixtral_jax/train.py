@@ -360,3 +360,28 @@ def train(config: MixtralConfig, tc: TrainConfig, out: str, corpus, *, mesh=None
         manager.wait_until_finished()
         manager.close()
     return {"state": state, "history": history, "eval": last_eval}
+
+
+def export_run(run: str, out: str, *, step: int | None = None, dtype=None) -> int:
+    """Write a training checkpoint of run folder `run` (default its latest step) as a project
+    checkpoint `out` that `load` and `--checkpoint` take (with the Mixtral v1 tokenizer when the
+    vocabulary is its). Returns the step exported."""
+    import orbax.checkpoint as ocp
+
+    from .checkpoint import save
+    from .tokenizer import Tokenizer
+
+    manager = ocp.CheckpointManager(os.path.abspath(os.path.join(run, CHECKPOINTS)))
+    step = manager.latest_step() if step is None else step
+    if step is None:
+        raise FileNotFoundError(f"{run}: no training checkpoints")
+    meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    config = MixtralConfig.from_dict(meta["config"])
+    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in meta["train"].items()}
+    tc = TrainConfig(**fields)
+    abstract = jax.eval_shape(lambda: dataclasses.asdict(init_state(config, tc)))
+    state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
+    manager.close()
+    tok = Tokenizer()
+    save(out, config, state["params"], dtype=dtype, tokenizer=tok.path if config.vocab_size == tok.vocab_size else None)
+    return step

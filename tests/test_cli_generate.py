@@ -141,7 +141,6 @@ def test_generate_rejects_bad_values_with_one_line(ckpt, args, message):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["generate", "--prompt", "hi"], "demo model"),
     (["generate", "--checkpoint", "/nonexistent", "--prompt", "hi"], "no such file"),
     (["generate", "--checkpoint", ".", "--prompt", "hi", "--input", "x.jsonl"], "either --prompt"),
     (["score", "/nonexistent.txt", "--checkpoint", "."], "cannot read"),
@@ -149,6 +148,12 @@ def test_generate_rejects_bad_values_with_one_line(ckpt, args, message):
 ])
 def test_usage_errors(args, message):
     assert message in cli(*args, rc=2).stderr
+
+
+def test_generate_uses_the_built_in_demo_model():
+    """The README's first command: no --checkpoint means the demo model shipped in the package."""
+    out = cli("generate", "--prompt", "def fibonacci(n):", "--max-new-tokens", 8).stdout
+    assert out.startswith("def fibonacci(n):") and len(out) > len("def fibonacci(n):\n")
 
 
 @pytest.mark.slow
