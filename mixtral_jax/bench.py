@@ -164,21 +164,28 @@ def bench_hf(hf_folder: str, config: MixtralConfig, runs: int) -> dict[str, Any]
 
 
 def rss_child(ckpt: str) -> None:
-    """Child mode: load the checkpoint, generate, print nothing (the parent reads our peak RSS)."""
+    """Child mode: load the checkpoint, generate, print our own peak RSS in bytes.
+
+    The peak is /proc's VmHWM, which starts afresh at exec; `ru_maxrss` would not do: Linux
+    carries it over from the forked parent, so the child would count the parent's memory."""
     from . import checkpoint
     from .sampler import generate
 
     model = checkpoint.load(ckpt, dtype="float32")
     generate(model, [[1] * 100], max_new_tokens=16, stop_tokens=[])
     generate(model, [[1] * 16] * 8, max_new_tokens=16, stop_tokens=[])
+    with open("/proc/self/status", encoding="ascii") as f:
+        kib = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+    print(kib * 1024)
 
 
 def measure_rss(ckpt: str) -> int:
-    child = subprocess.Popen([sys.executable, "-m", "mixtral_jax.bench", "--rss-child", ckpt])
-    _, status, usage = os.wait4(child.pid, 0)
-    if status:
-        raise RuntimeError(f"RSS child failed (status {status})")
-    return usage.ru_maxrss * 1024
+    """Peak RSS (bytes) of a fresh process that loads `ckpt` and generates (Linux)."""
+    proc = subprocess.run([sys.executable, "-m", "mixtral_jax.bench", "--rss-child", ckpt],
+                          capture_output=True, text=True)
+    if proc.returncode:
+        raise RuntimeError(f"RSS child failed (status {proc.returncode}): {proc.stderr[-500:]}")
+    return int(proc.stdout.strip().splitlines()[-1])
 
 
 def run(config_name: str = "small", runs: int = 5, with_hf: bool = True, seed: int = 0) -> dict[str, Any]:

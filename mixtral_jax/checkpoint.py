@@ -254,9 +254,12 @@ def load(path, *, dtype=None, mesh=None, layout=None, quantize=None) -> Model:
         shard = None if mesh is None else (lambda spec: sharding_for(spec.shape, spec.axes, mesh))
         for item in item_names(config):
             leaves = restore_item(path, config, item, dt, shard, stored_quant)
+            if item != "globals":
+                leaves = arrange(leaves)  # on host arrays, splitting makes views, not copies
             if mesh is None:
                 leaves = jax.tree.map(jnp.asarray, leaves)
-            _place(params, item, leaves if item == "globals" else arrange(leaves))
+            _place(params, item, leaves)
+            del leaves
             release_freed_memory()
     else:
         config = (MixtralConfig.from_hf if fmt == "hf" else MixtralConfig.from_mistral)(path)
