@@ -60,6 +60,22 @@ def main():
             print(f"| {layer['layer']} | {d} | {r['tokens']} | {r['consecutive_same_top1']:.3f} | "
                   f"{r['random_same_top1_given_loads']:.3f} | {r['consecutive_share_any']:.3f} | "
                   f"{r['routing_entropy']:.2f} | {shares} |")
+    pieces = ["self", "\u2581self", "\u2581\u2581\u2581", "\u2581\u2581\u2581\u2581\u2581\u2581\u2581",
+              "\u2581def", "\u2581return", "<0x0A>"]
+    conc = routing.token_concentration(report, tok, pieces, "code")
+    print("\nCode: share of a token's occurrences that go to its most frequent first-choice expert "
+          f"(1/E = {1 / model.config.n_experts:.3f} would be no preference)\n")
+    print("| token | count | " + " | ".join(f"layer {i}" for i in layers) + " |")
+    print("|---|---|" + "---|" * len(layers))
+    for piece, r in conc.items():
+        cells = " | ".join(f"expert {e}: {share:.2f}" for e, share in r["layers"].values())
+        print(f"| `{piece.replace(chr(0x2581), '▁')}` | {r['count']} | {cells} |")
+    print("\nSame first choice for consecutive tokens inside one word vs across a word boundary\n")
+    print("| domain | layer | inside a word | pairs | across words | pairs |\n|---|---|---|---|---|---|")
+    for d in ("prose", "code"):
+        for layer, r in routing.word_piece_rates(report, tok, d).items():
+            print(f"| {d} | {layer} | {r['inside_word']:.3f} | {r['inside_pairs']} | {r['across_words']:.3f} | "
+                  f"{r['across_pairs']} |")
     code = texts[0][1]
     variants = [("top-1", routing.intervene(model, top_k=1)), ("top-2 (trained)", model),
                 ("top-3", routing.intervene(model, top_k=3))]

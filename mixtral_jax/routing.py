@@ -150,6 +150,49 @@ def analyse(model: Model, texts: Sequence[tuple[str, str]], layers: Sequence[int
     return report
 
 
+def token_concentration(report: dict, tokenizer, pieces: Sequence[str], domain: str) -> dict:
+    """How consistently given tokens are routed: for each piece (a SentencePiece piece, e.g.
+    "▁self") and analysed layer, its occurrences in `domain` and the share of them that go to
+    its most frequent first-choice expert (1.0: always the same expert; ~1/E: no preference).
+
+    Returns:
+      {piece: {"count": n, "layers": {layer: (expert, share)}}} for pieces that occur.
+    """
+    out = {}
+    for piece in pieces:
+        pid = tokenizer._sp.PieceToId(piece)
+        firsts = [[] for _ in report["layers"]]
+        for ids, ch in zip(report["tokens"][domain], report["choices"][domain]):
+            for li in range(len(report["layers"])):
+                firsts[li] += [ch[li][t][0] for t, i in enumerate(ids) if i == pid]
+        if firsts[0]:
+            out[piece] = {"count": len(firsts[0]), "layers": {}}
+            for li, layer in enumerate(report["layers"]):
+                counts = np.bincount(firsts[li], minlength=report["experts"])
+                out[piece]["layers"][layer] = (int(counts.argmax()), float(counts.max() / counts.sum()))
+    return out
+
+
+def word_piece_rates(report: dict, tokenizer, domain: str) -> dict:
+    """Per analysed layer: the same-first-choice rate of consecutive tokens inside one word (the
+    second continues the first: its piece does not start a word) and across word boundaries."""
+    out = {}
+    for li, layer in enumerate(report["layers"]):
+        inside = across = same_in = same_across = 0
+        for ids, ch in zip(report["tokens"][domain], report["choices"][domain]):
+            for t in range(1, len(ids)):
+                piece = tokenizer._sp.IdToPiece(int(ids[t]))
+                starts = piece.startswith("\u2581") or piece.startswith("<0x") or not piece[:1].isalnum()
+                same = ch[li][t][0] == ch[li][t - 1][0]
+                if starts:
+                    across, same_across = across + 1, same_across + same
+                else:
+                    inside, same_in = inside + 1, same_in + same
+        out[layer] = {"inside_word": same_in / max(inside, 1), "inside_pairs": inside,
+                      "across_words": same_across / max(across, 1), "across_pairs": across}
+    return out
+
+
 def summary(report: dict) -> dict:
     """The report without per-token data (what `routing --json` prints)."""
     return {k: v for k, v in report.items() if k not in ("tokens", "choices")}

@@ -91,6 +91,12 @@ def test_analyse_report_and_html(model):
     for layer in report["per_layer"]:
         for d in ("code", "prose"):
             assert np.isclose(sum(layer["domains"][d]["top1_share"]), 1)
+    conc = routing.token_concentration(report, model.tokenizer, ["\u2581return", "\u2581nowhere"], "code")
+    assert set(conc) == {"\u2581return"} and conc["\u2581return"]["count"] == 3
+    assert all(1 / 8 <= share <= 1 for _, share in conc["\u2581return"]["layers"].values())
+    rates = routing.word_piece_rates(report, model.tokenizer, "prose")
+    n_prose = len(report["tokens"]["prose"][0])
+    assert all(r["inside_pairs"] + r["across_pairs"] == n_prose - 1 for r in rates.values())
     page = routing.to_html(report, model.tokenizer)
     parser = html.parser.HTMLParser()
     parser.feed(page)
