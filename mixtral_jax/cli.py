@@ -329,11 +329,8 @@ def _generate_file(model, args) -> int:
                 results[i] = {"index": i, "text": text, "tokens": tokens}
             bar.update(len(batch))
     if _is_main_process():
-        tmp = f"{args.output}.partial-{os.getpid()}"
-        with open(tmp, "w", encoding="utf-8") as f:
-            for i in range(len(lines)):
-                f.write(json.dumps(results[i], ensure_ascii=False) + "\n")
-        os.replace(tmp, args.output)
+        body = "".join(json.dumps(results[i], ensure_ascii=False) + "\n" for i in range(len(lines)))
+        _write_atomically(args.output, lambda f: f.write(body.encode("utf-8")))
     errors = [r for r in results.values() if "error" in r]
     for r in errors:
         print(f"{PROG}: error: {args.input} line {r['index'] + 1}: {r['error']}", file=sys.stderr)

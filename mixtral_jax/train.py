@@ -42,6 +42,7 @@ from .sharding import sharding_for
 log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
+SPLIT_IDS = {"train": 0, "val": 1}  # seeds each split's data stream apart
 CHECKPOINTS = "checkpoints"
 
 
@@ -207,9 +208,6 @@ def batch_at(corpus, split: str, step: int, tc: TrainConfig, domain: str | None 
         row = np.asarray(stream[start:start + tc.seq_len + 1], np.int32)
         rows.append(np.pad(row, (0, tc.seq_len + 1 - len(row))))
     return np.stack(rows)
-
-
-SPLIT_IDS = {"train": 0, "val": 1}
 
 
 def evaluate(config: MixtralConfig, tc: TrainConfig, params, corpus, place: Callable) -> dict[str, float]:
