@@ -17,8 +17,8 @@ Parameter layout (canonical; what `init_params` returns and checkpoints hold), x
 
 A layer's leaves sit flat in one dict `params["layers_{i}"]`; a layer may also hold an optional
 `router_bias` [E] (a routing intervention, `mixtral_jax.routing.intervene`; never in checkpoints).
-`load` returns, on CPU, the split layout instead: each expert weight a tuple of E per-expert arrays
-(`split_experts`); `forward` and `generate` accept both. The KV cache is
+`load` returns, on CPU, the split layout instead: each expert weight a tuple of E per-expert
+matrices in [out, in] orientation (`split_experts`); `forward` and `generate` accept both. The KV cache is
 `{"lengths": [B] int32, "layers_{i}": {"k": [B, S, K, H], "v": [B, S, K, H]}}`.
 """
 
@@ -114,11 +114,16 @@ EXPERT_LEAVES = ("w_gate", "w_up", "w_down")
 
 
 def split_layer(layer: dict[str, Any]) -> dict[str, Any]:
-    """A layer with its [E, ...] expert weights split into tuples of E per-expert arrays."""
+    """A layer with its [E, ...] expert weights split into tuples of E per-expert matrices in
+    [out, in] orientation (w_gate, w_up [F, D]; w_down [D, F]; see mixtral_jax.moe). On host
+    (numpy) arrays the matrices are views until placed on a device."""
     if is_split(layer["w_gate"]):
         return layer
     n_experts = jax.tree.leaves(layer["w_gate"])[0].shape[0]  # plain or int8 {"q", "scale"}
-    return {**layer, **{k: tuple(take_expert(layer[k], e) for e in range(n_experts)) for k in EXPERT_LEAVES}}
+
+    def expert(w, e):
+        return jax.tree.map(lambda a: a.T, take_expert(w, e))
+    return {**layer, **{k: tuple(expert(layer[k], e) for e in range(n_experts)) for k in EXPERT_LEAVES}}
 
 
 def split_experts(params) -> dict[str, Any]:

@@ -15,9 +15,13 @@ exactly (no dropped tokens unless a capacity factor is asked for):
   (`sorted`'s data-dependent loop is not), so it is the exact training path; the natural prefill
   on TPU/GPU. On CPU XLA pads the groups, so it is slower than `sorted` there.
 
-Expert weights come stacked ([E, D, F] arrays, the canonical layout) or split (a tuple of E [D, F]
-arrays per weight, the CPU layout `load` returns: XLA copies a slice of a stacked parameter before
-a dot, so per-expert leaves are what make `gather` and `sorted` read only what they use).
+Expert weights come stacked ([E, D, F] arrays, the canonical layout) or split, the CPU layout `load`
+returns: a tuple of E per-expert matrices per weight, each in [out, in] orientation (w_gate and w_up
+[F, D], w_down [D, F]). Per-expert leaves because XLA copies a slice of a stacked parameter before a
+dot, so only they let `gather` and `sorted` read just what they use; [out, in] because XLA's CPU
+matmul with the weight as the left operand and few activation columns runs near the read bound
+(measured at 2-16 rows: about half the time of x @ W; BENCHMARKS.md). Split experts therefore work on
+transposed activations [D, rows].
 
 Einsum alphabet: T tokens (flattened batch), D d_model, F ffw, E experts, X top-k slot,
 g routing group, t token within a group, c capacity slot.
@@ -73,10 +77,17 @@ def _swiglu(x, w_gate, w_up, w_down, spec_in: str, spec_out: str):
 
 
 def _expert_ffn(x, w_gate, w_up, w_down):
-    """One expert on its rows: x [c, D] -> [c, D] (int8 weights are dequantized here, so only
-    the experts that run are)."""
+    """One expert on its rows: x [c, D] -> [c, D], canonical weights (int8 weights are dequantized
+    here, so only the experts that run are)."""
     w_gate, w_up, w_down = (dequantize(w, x.dtype) for w in (w_gate, w_up, w_down))
     return _swiglu(x, w_gate, w_up, w_down, "cd,df->cf", "cf,fd->cd")
+
+
+def _expert_ffn_t(xt, w_gate, w_up, w_down):
+    """One split expert on transposed rows: xt [D, c] -> [D, c], weights [out, in]."""
+    w_gate, w_up, w_down = (dequantize(w, xt.dtype) for w in (w_gate, w_up, w_down))
+    h = jax.nn.silu(jnp.einsum("fd,dc->fc", w_gate, xt)) * jnp.einsum("fd,dc->fc", w_up, xt)  # [F, c]
+    return jnp.einsum("df,fc->dc", w_down, h)                                                # [D, c]
 
 
 def is_split(w) -> bool:
@@ -85,8 +96,12 @@ def is_split(w) -> bool:
 
 
 def _stacked(weights, dtype):
-    """(w_gate, w_up, w_down) as dequantized [E, ...] arrays, stacking split leaves (a copy)."""
-    stack = lambda w: jax.tree.map(lambda *a: jnp.stack(a), *w) if is_split(w) else w  # noqa: E731
+    """(w_gate, w_up, w_down) as dequantized canonical [E, ...] arrays; split leaves are stacked
+    and turned back to [in, out] (a copy)."""
+    def stack(w):
+        if not is_split(w):
+            return w
+        return jax.tree.map(lambda *a: jnp.stack(a).swapaxes(-1, -2), *w)
     return tuple(dequantize(stack(w), dtype) for w in weights)
 
 
@@ -96,9 +111,9 @@ def moe_dense(x, routing: Routing, weights) -> jax.Array:
     gates = jnp.einsum("tx,txe->te", routing.weights,
                        jax.nn.one_hot(routing.experts, n_experts, dtype=jnp.float32))  # [T, E]
     if is_split(weights[0]):
-        y = sum(gates[:, e, None] * _expert_ffn(x, *(w[e] for w in weights)).astype(jnp.float32)
-                for e in range(n_experts))
-        return y.astype(x.dtype)
+        yt = sum(gates[None, :, e] * _expert_ffn_t(x.T, *(w[e] for w in weights)).astype(jnp.float32)
+                 for e in range(n_experts))                                         # [D, T]
+        return yt.T.astype(x.dtype)
     out = _swiglu(x, *_stacked(weights, x.dtype), "td,edf->tef", "tef,efd->ted")  # [T, E, D]
     return jnp.einsum("te,ted->td", gates, out.astype(jnp.float32)).astype(x.dtype)
 
@@ -112,12 +127,13 @@ def moe_gather(x, routing: Routing, weights) -> jax.Array:
         weights = _stacked(weights, x.dtype)  # one switch per (token, slot) stops paying off
     if is_split(weights[0]):
         n_experts = len(weights[0])
-        branches = [lambda row, e=e: _expert_ffn(row, *(w[e] for w in weights)) for e in range(n_experts)]
+        branches = [lambda col, e=e: _expert_ffn_t(col, *(w[e] for w in weights)) for e in range(n_experts)]
+        xt = x.T                                                                     # [D, T]
         y = jnp.zeros(x.shape, jnp.float32)
         for i in range(t):
             for slot in range(k):
-                out = jax.lax.switch(routing.experts[i, slot], branches, x[i:i + 1])  # [1, D]
-                y = y.at[i].add(routing.weights[i, slot] * out[0].astype(jnp.float32))
+                out = jax.lax.switch(routing.experts[i, slot], branches, xt[:, i:i + 1])  # [D, 1]
+                y = y.at[i].add(routing.weights[i, slot] * out[:, 0].astype(jnp.float32))
         return y.astype(x.dtype)
     idx = routing.experts
     w_gate, w_up, w_down = (dequantize(take_expert(w, idx), x.dtype) for w in weights)  # [T, X, ...]
@@ -155,7 +171,11 @@ def moe_sorted(x, routing: Routing, valid, weights, *, chunk: int | None = None)
     weight_of = jnp.concatenate([routing.weights.reshape(-1)[order], tail.astype(jnp.float32)])
     counts = jnp.bincount(experts, length=n_experts + 1)[:n_experts]               # [E]
     starts = jnp.cumsum(counts) - counts
-    y = jnp.zeros(x.shape, jnp.float32)
+    split = is_split(weights[0])
+    # Split experts run on transposed activations; the sum stays [D, T] until after the loops (a
+    # transpose right after the last matmul would be folded into it, in the slow orientation).
+    xs = x.T if split else x                                                       # [D, T] or [T, D]
+    y = jnp.zeros(xs.shape, jnp.float32)
     for e in range(n_experts):
         w_e = tuple(take_expert(w, e) for w in weights)
 
@@ -164,11 +184,14 @@ def moe_sorted(x, routing: Routing, valid, weights, *, chunk: int | None = None)
             idx = jax.lax.dynamic_slice(token_of, (starts[e] + offset,), (rows,))
             gate = jax.lax.dynamic_slice(weight_of, (starts[e] + offset,), (rows,))
             gate = gate * (offset + jnp.arange(rows) < counts[e])
-            out = _expert_ffn(x[idx], *w_e).astype(jnp.float32)                     # [rows, D]
+            if split:
+                out = _expert_ffn_t(xs[:, idx], *w_e).astype(jnp.float32)           # [D, rows]
+                return y.at[:, idx].add(gate[None, :] * out)
+            out = _expert_ffn(xs[idx], *w_e).astype(jnp.float32)                     # [rows, D]
             return y.at[idx].add(gate[:, None] * out)
 
         y = jax.lax.fori_loop(0, (counts[e] + rows - 1) // rows, step, y)
-    return y.astype(x.dtype)
+    return (y.T if split else y).astype(x.dtype)
 
 
 def moe_ragged(x, routing: Routing, valid, weights) -> jax.Array:

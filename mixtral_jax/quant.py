@@ -46,8 +46,8 @@ def quantize_layer(layer: dict[str, Any]) -> dict[str, Any]:
     out = dict(layer)
     for name, axes in CONTRACTED.items():
         w = layer[name]
-        if isinstance(w, (tuple, list)):  # split experts: each [D, F] / [F, D]
-            out[name] = tuple(we if is_quantized(we) else quantize_int8(we, axes) for we in w)
+        if isinstance(w, (tuple, list)):  # split experts: each [out, in]
+            out[name] = tuple(we if is_quantized(we) else quantize_int8(we, (-1,)) for we in w)
         elif not is_quantized(w):
             out[name] = quantize_int8(w, axes)
     return out
