@@ -4,13 +4,14 @@ Every strategy computes y = sum_{e in top-k(x)} g_e(x) * w_down_e(silu(x w_gate_
 exactly (no dropped tokens unless a capacity factor is asked for):
 
 - `dense`: every expert on every token, weighted by the (mostly zero) gates. The test oracle.
-- `gather`: reads only the selected experts' weights, one copy per (token, slot). For decode.
+- `gather`: reads only the selected experts' weights, one copy per (token, slot). For decode
+  with stacked weights.
 - `einsum`: GShard dispatch/combine one-hot einsums over bounded routing groups with an expert
   capacity C; the expert axis of the dispatched activations is what expert parallelism shards.
 - `sorted`: assignments sorted by expert; each expert steps through its contiguous run of tokens up
   to 32 rows at a time (a `while_loop`, so one compiled body per expert whatever the
-  counts); it drops nothing and pads at most one partial step per expert. The fast exact prefill
-  on one device.
+  counts); it drops nothing and pads at most one partial step per expert. The fast exact path on one
+  device with split weights, decode and prefill alike.
 - `ragged`: assignments sorted by expert, then `lax.ragged_dot` grouped matmuls. Differentiable
   (`sorted`'s data-dependent loop is not), so it is the exact training path; the natural prefill
   on TPU/GPU. On CPU XLA pads the groups, so it is slower than `sorted` there.
@@ -283,11 +284,16 @@ def moe_einsum(x, routing: Routing, valid, weights, *,
     return y.reshape(-1, d)[:n_tokens].astype(x.dtype), dropped.astype(jnp.int32)
 
 
-def choose_strategy(n_tokens: int, n_experts: int, top_k: int, mesh=None) -> str:
-    """`auto`: einsum when experts are split across devices (tokens move, weights stay); else
-    gather when the selected experts are fewer than all experts (decode), else sorted."""
+def choose_strategy(n_tokens: int, n_experts: int, top_k: int, mesh=None, split: bool = False) -> str:
+    """`auto`: einsum when experts are split across devices (tokens move, weights stay); sorted
+    for split (CPU) weights, where it reads only the selected experts and measured fastest at
+    every token count, decode included; for stacked weights gather when the selected experts are
+    fewer than all experts (decode: a slice of a stacked weight inside a loop may be copied
+    whether it runs or not), else sorted."""
     if experts_split(mesh):
         return "einsum"
+    if split:
+        return "sorted"
     return "gather" if n_tokens * top_k < n_experts else "sorted"
 
 
@@ -315,7 +321,7 @@ def moe(x, layer, *, top_k: int, valid=None, strategy: str = "auto",
     routing = route(x, layer["router"], top_k, layer.get("router_bias"))
     weights = (layer["w_gate"], layer["w_up"], layer["w_down"])
     if strategy == "auto":
-        strategy = choose_strategy(x.shape[0], routing.logits.shape[-1], top_k, mesh)
+        strategy = choose_strategy(x.shape[0], routing.logits.shape[-1], top_k, mesh, is_split(weights[0]))
     if valid is None:
         valid = jnp.ones(x.shape[:1], bool)
     dropped = jnp.zeros((), jnp.int32)

@@ -120,10 +120,20 @@ def test_split_layout_and_sorted_equal_the_oracle(rng, strategy, n_tokens):
     ref, _, _ = moe_lib.moe(x, params, top_k=2, strategy="dense")
     split = mj.model.split_layer(params)
     assert moe_lib.is_split(split["w_gate"]) and len(split["w_gate"]) == 8
+    for name in ("w_gate", "w_up", "w_down"):  # [out, in] matrices
+        np.testing.assert_array_equal(np.asarray(split[name][5]), np.asarray(params[name][5]).T)
     for layer in (params, split):
         y, _, dropped = moe_lib.moe(x, layer, top_k=2, strategy=strategy, group_size=16)
         np.testing.assert_allclose(np.asarray(y), np.asarray(ref), atol=STRATEGY_ATOL, rtol=0)
         assert int(dropped) == 0
+
+
+def test_auto_choice_follows_layout_and_mesh():
+    """Split (CPU) weights: sorted at every size; stacked: gather for decode-sized inputs."""
+    assert moe_lib.choose_strategy(1, 8, 2, split=True) == "sorted"
+    assert moe_lib.choose_strategy(512, 8, 2, split=True) == "sorted"
+    assert moe_lib.choose_strategy(3, 8, 2) == "gather"
+    assert moe_lib.choose_strategy(4, 8, 2) == "sorted"
 
 
 def test_sorted_ignores_padding_tokens(rng):
