@@ -21,7 +21,7 @@ returns: a tuple of E per-expert matrices per weight, each in [out, in] orientat
 [F, D], w_down [D, F]). Per-expert leaves because XLA copies a slice of a stacked parameter before a
 dot, so only they let `gather` and `sorted` read just what they use; [out, in] because XLA's CPU
 matmul with the weight as the left operand and few activation columns runs near the read bound
-(measured at 2-16 rows: about half the time of x @ W; BENCHMARKS.md). Split experts therefore work on
+(measured at 2-32 rows: about half the time of x @ W; BENCHMARKS.md). Split experts therefore work on
 transposed activations [D, rows].
 
 Einsum alphabet: T tokens (flattened batch), D d_model, F ffw, E experts, X top-k slot,
