@@ -87,8 +87,7 @@ def _expert_ffn(x, w_gate, w_up, w_down):
 def _expert_ffn_t(xt, w_gate, w_up, w_down):
     """One split expert on transposed rows: xt [D, c] -> [D, c], weights [out, in]."""
     w_gate, w_up, w_down = (dequantize(w, xt.dtype) for w in (w_gate, w_up, w_down))
-    h = jax.nn.silu(jnp.einsum("fd,dc->fc", w_gate, xt)) * jnp.einsum("fd,dc->fc", w_up, xt)  # [F, c]
-    return jnp.einsum("df,fc->dc", w_down, h)                                                # [D, c]
+    return _swiglu(xt, w_gate, w_up, w_down, "dc,fd->fc", "fc,df->dc")  # [F, c] hidden
 
 
 def is_split(w) -> bool:
@@ -112,7 +111,8 @@ def moe_dense(x, routing: Routing, weights) -> jax.Array:
     gates = jnp.einsum("tx,txe->te", routing.weights,
                        jax.nn.one_hot(routing.experts, n_experts, dtype=jnp.float32))  # [T, E]
     if is_split(weights[0]):
-        yt = sum(gates[None, :, e] * _expert_ffn_t(x.T, *(w[e] for w in weights)).astype(jnp.float32)
+        xt = x.T                                                                     # [D, T]
+        yt = sum(gates[None, :, e] * _expert_ffn_t(xt, *(w[e] for w in weights)).astype(jnp.float32)
                  for e in range(n_experts))                                         # [D, T]
         return yt.T.astype(x.dtype)
     out = _swiglu(x, *_stacked(weights, x.dtype), "td,edf->tef", "tef,efd->ted")  # [T, E, D]
