@@ -10,7 +10,6 @@ next to the read bound (matrix bytes / measured read bandwidth) and the compute 
 """
 
 import argparse
-import json
 import time
 
 import jax
@@ -18,6 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from mixtral_jax.bench import machine_probes
+
+from measure import report
 
 D, F, MATRICES = 1024, 3584, 12
 ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 512)
@@ -54,16 +55,9 @@ def main():
         rows.append({"rows": m, "x_at_w_ms": cold_ms(x_at_w, canonical, x),
                      "w_first_ms": cold_ms(w_first, out_in, x), "read_bound_ms": read_bound,
                      "compute_bound_ms": 2 * m * D * F / probes["matmul_peak"] * 1e3})
-    if args.json:
-        print(json.dumps({"probes": probes, "rows": rows}))
-        return
-    print(f"read bandwidth {probes['read_bandwidth'] / 1e9:.1f} GB/s, matmul peak "
-          f"{probes['matmul_peak'] / 1e9:.0f} GFLOP/s; [M, {D}] x [{D}, {F}] float32, cold weights")
-    print(f"{'M':>4} {'x @ W ms':>9} {'W^T x^T ms':>11} {'read bound':>11} {'compute bound':>14}")
-    for r in rows:
-        print(f"{r['rows']:>4} {r['x_at_w_ms']:>9.2f} {r['w_first_ms']:>11.2f} {r['read_bound_ms']:>11.2f} "
-              f"{r['compute_bound_ms']:>14.2f}")
-
+    report(args.json, probes, rows, f"[M, {D}] x [{D}, {F}] float32, cold weights",
+           [("rows", "M", 4, "d"), ("x_at_w_ms", "x @ W ms", 9, ".2f"), ("w_first_ms", "W^T x^T ms", 11, ".2f"),
+            ("read_bound_ms", "read bound", 11, ".2f"), ("compute_bound_ms", "compute bound", 14, ".2f")])
 
 if __name__ == "__main__":
     main()

@@ -1,5 +1,6 @@
-"""Shared by the benchmarks: run a command in a child process and measure that child alone."""
+"""Shared by the benchmarks: measure a child process alone; print a result table (or JSON)."""
 
+import json
 import os
 import subprocess
 import sys
@@ -20,3 +21,24 @@ def run_measured(cmd: list[str], env: dict | None = None) -> tuple[str, int, flo
     if status:
         sys.exit(f"{' '.join(cmd[:4])} ... failed (status {status})")
     return out, usage.ru_maxrss * 1024, wall  # Linux reports KiB
+
+
+def report(as_json: bool, probes: dict, rows: list[dict], subject: str,
+           columns: list[tuple[str, str, int, str]]):
+    """Print `rows` as JSON (with the probes) or as a table under a line naming the probes.
+
+    Args:
+      as_json: print {"probes": ..., "rows": ...} instead of the table.
+      probes: `mixtral_jax.bench.machine_probes()`.
+      rows: one dict per table row.
+      subject: what was measured, printed after the probes.
+      columns: (row key, header, width, format spec such as ".2f") per column.
+    """
+    if as_json:
+        print(json.dumps({"probes": probes, "rows": rows}))
+        return
+    print(f"read bandwidth {probes['read_bandwidth'] / 1e9:.1f} GB/s, matmul peak "
+          f"{probes['matmul_peak'] / 1e9:.0f} GFLOP/s; {subject}")
+    print(" ".join(f"{header:>{width}}" for _, header, width, _ in columns))
+    for r in rows:
+        print(" ".join(f"{r[key]:>{width}{fmt}}" for key, _, width, fmt in columns))

@@ -10,7 +10,6 @@ Every strategy is checked against the dense oracle first.
 """
 
 import argparse
-import json
 import statistics
 import time
 
@@ -22,6 +21,8 @@ import mixtral_jax as mj
 from mixtral_jax import moe
 from mixtral_jax.bench import machine_probes
 from mixtral_jax.model import split_layer
+
+from measure import report
 
 STRATEGIES = ("dense", "gather", "einsum", "sorted")
 
@@ -58,16 +59,10 @@ def main():
             rows.append({"tokens": t, "strategy": strategy, "ms": s * 1e3, "read_bound_ms": read_bound * 1e3,
                          "compute_bound_ms": compute_bound * 1e3, "experts_selected": n_selected,
                          "x_read_bound": s / read_bound, "x_bound": s / max(read_bound, compute_bound)})
-    if args.json:
-        print(json.dumps({"probes": probes, "rows": rows}))
-        return
-    print(f"read bandwidth {probes['read_bandwidth'] / 1e9:.1f} GB/s, matmul peak "
-          f"{probes['matmul_peak'] / 1e9:.0f} GFLOP/s; small config, one layer, float32")
-    print(f"{'T':>4} {'strategy':>8} {'ms':>9} {'read bound':>11} {'compute bound':>14} {'x max(bound)':>13}")
-    for r in rows:
-        print(f"{r['tokens']:>4} {r['strategy']:>8} {r['ms']:>9.2f} {r['read_bound_ms']:>11.2f} "
-              f"{r['compute_bound_ms']:>14.2f} {r['x_bound']:>13.2f}")
-
+    report(args.json, probes, rows, "small config, one layer, float32",
+           [("tokens", "T", 4, "d"), ("strategy", "strategy", 8, "s"), ("ms", "ms", 9, ".2f"),
+            ("read_bound_ms", "read bound", 11, ".2f"), ("compute_bound_ms", "compute bound", 14, ".2f"),
+            ("x_bound", "x max(bound)", 13, ".2f")])
 
 if __name__ == "__main__":
     main()
