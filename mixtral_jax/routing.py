@@ -160,7 +160,7 @@ def token_concentration(report: dict, tokenizer, pieces: Sequence[str], domain: 
     """
     out = {}
     for piece in pieces:
-        pid = tokenizer._sp.PieceToId(piece)
+        pid = tokenizer.piece_to_id(piece)
         firsts = [[] for _ in report["layers"]]
         for ids, ch in zip(report["tokens"][domain], report["choices"][domain]):
             for li in range(len(report["layers"])):
@@ -181,7 +181,7 @@ def word_piece_rates(report: dict, tokenizer, domain: str) -> dict:
         inside = across = same_in = same_across = 0
         for ids, ch in zip(report["tokens"][domain], report["choices"][domain]):
             for t in range(1, len(ids)):
-                piece = tokenizer._sp.IdToPiece(int(ids[t]))
+                piece = tokenizer.id_to_piece(ids[t])
                 starts = piece.startswith("\u2581") or piece.startswith("<0x") or not piece[:1].isalnum()
                 same = ch[li][t][0] == ch[li][t - 1][0]
                 if starts:
@@ -210,7 +210,7 @@ def token_texts(tokenizer, ids: Sequence[int]) -> list[str]:
     """Display text of each token: '▁' as a space, byte tokens as their character when printable."""
     out = []
     for i in ids:
-        piece = tokenizer._sp.IdToPiece(int(i))
+        piece = tokenizer.id_to_piece(i)
         if piece.startswith("<0x") and piece.endswith(">"):
             ch = chr(int(piece[3:-1], 16))
             piece = ch if ch.isprintable() or ch in "\n\t" else "\ufffd"

@@ -71,6 +71,14 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return self._sp.vocab_size()
 
+    def id_to_piece(self, i: int) -> str:
+        """The SentencePiece piece of id `i` (e.g. "\u2581self", "<0x0A>")."""
+        return self._sp.IdToPiece(int(i))
+
+    def piece_to_id(self, piece: str) -> int:
+        """The id of a SentencePiece piece (the unknown id for a piece not in the vocabulary)."""
+        return self._sp.PieceToId(piece)
+
     def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
         """Token ids of `text`, with BOS first and EOS last when asked."""
         if not isinstance(text, str):

@@ -101,6 +101,13 @@ def test_decode_inverts_encode(tok, text):
     assert tok.encode(text) == [1] + ids and tok.encode(text, eos=True)[-1] == 2
 
 
+def test_pieces_and_ids_map_both_ways(tok):
+    ids = tok.encode("def self", bos=False)
+    pieces = [tok.id_to_piece(i) for i in ids]
+    assert "\u2581self" in pieces
+    assert [tok.piece_to_id(p) for p in pieces] == ids
+
+
 def test_decode_rejects_out_of_range(tok):
     with pytest.raises(ValueError, match="out of range"):
         tok.decode([5, 32000])
