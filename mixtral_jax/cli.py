@@ -398,11 +398,15 @@ def cmd_train(args) -> int:
     if config.vocab_size != tok.vocab_size:
         raise UsageError(f"the corpus uses the Mixtral v1 tokenizer ({tok.vocab_size} tokens); the model's "
                          f"vocab_size is {config.vocab_size}")
+    try:
+        weights = tuple(float(w) for w in args.domain_weights.split(","))
+    except ValueError:
+        raise UsageError(f"--domain-weights: expected three numbers like 0.6,0.25,0.15, got {args.domain_weights!r}") from None
     tc = tr.TrainConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
                         learning_rate=args.lr, warmup_steps=args.warmup, weight_decay=args.weight_decay,
                         grad_clip=args.clip, z_loss_coef=args.z_loss, seed=args.seed,
                         log_every=args.log_every, eval_every=args.eval_every, save_every=args.save_every,
-                        keep=args.keep)
+                        keep=args.keep, domain_weights=weights)
     if tc.seq_len > config.max_seq_len:
         raise UsageError(f"--seq-len {tc.seq_len} exceeds the model's context ({config.max_seq_len})")
     mesh = None
@@ -411,7 +415,10 @@ def cmd_train(args) -> int:
 
         mesh = make_mesh(**parse_mesh(args.mesh))
     corpus_dir = args.corpus or os.path.join(out, "corpus")
-    build_corpus(corpus_dir, tokenizer=tok)
+    packages = tuple(p for p in (args.corpus_packages or "").split(",") if p)
+    if args.max_package_tokens is not None and args.max_package_tokens < 1:
+        raise UsageError(f"--max-package-tokens must be >= 1, got {args.max_package_tokens}")
+    build_corpus(corpus_dir, tokenizer=tok, packages=packages, max_package_tokens=args.max_package_tokens)
     result = tr.train(config, tc, out, load_corpus(corpus_dir), mesh=mesh)
     model_dir = os.path.join(out, "model")
     if not os.path.exists(model_dir):
@@ -615,6 +622,11 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--save-every", type=int, default=50)
     tr.add_argument("--keep", type=int, default=3, help="checkpoints kept")
     tr.add_argument("--mesh", help="e.g. data=2 (data parallel over host devices)")
+    tr.add_argument("--domain-weights", default="0.6,0.25,0.15",
+                    help="share of training rows drawn from code,prose,math")
+    tr.add_argument("--corpus-packages", help="comma-separated installed packages whose Python sources "
+                                              "add training code and prose (TRAINING.md)")
+    tr.add_argument("--max-package-tokens", type=int, help="code tokens taken per package at most")
     tr.add_argument("--export-dtype", choices=["float32", "bfloat16", "float16"], default="float32",
                     help="dtype of OUT/model")
     tr.set_defaults(func=cmd_train)

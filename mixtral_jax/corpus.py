@@ -12,11 +12,21 @@ stdlib falls in the last `val_percent` (math: the last documents of the same see
 document is tokenized with the Mixtral v1 tokenizer, BOS first, and the documents of a (split,
 domain) are concatenated into one int32 stream saved as `{split}_{domain}.npy` with a `corpus.json`
 manifest (recipe, files, token counts).
+
+Optionally, installed packages' Python sources (`packages`) add code and prose to the training split
+only, the held-out split staying the stdlib's: their tests and vendored folders are skipped, exact
+duplicates of files already taken are dropped, and so is any file that shares a quarter or more of
+its substantial lines with a held-out stdlib file (vendored stdlib copies such as setuptools'
+distutils). Files are taken in CRC32 order of their paths up to `max_package_tokens` code tokens per
+package; the manifest records each package's version and the files used and dropped.
 """
 
 from __future__ import annotations
 
 import ast
+import hashlib
+import importlib.metadata
+import importlib.util
 import io
 import json
 import logging
@@ -39,14 +49,45 @@ EXCLUDED_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages",
                  "lib2to3", "turtledemo"}
 
 
-def stdlib_files(root: str | None = None) -> list[str]:
-    """Paths of the standard library's .py files (sorted; tests and third-party packages excluded)."""
+VENDORED_DIRS = {"_vendor", "vendor", "vendored", "_vendored", "third_party", "_distutils"}
+MAX_FILE_BYTES = 300_000      # larger package files are generated tables, not code people write
+_LINE_MIN = 24                # a "substantial" line for the near-duplicate check (stripped chars)
+
+
+def stdlib_files(root: str | None = None, exclude: set[str] = EXCLUDED_DIRS) -> list[str]:
+    """Paths of the .py files under `root` (default the standard library; sorted; tests and
+    third-party packages excluded)."""
     root = root or sysconfig.get_paths()["stdlib"]
     out = []
     for folder, dirs, files in os.walk(root):
-        dirs[:] = sorted(d for d in dirs if d not in EXCLUDED_DIRS and not d.startswith("test"))
+        dirs[:] = sorted(d for d in dirs if d not in exclude and not d.startswith("test"))
         out += [os.path.join(folder, f) for f in sorted(files) if f.endswith(".py")]
     return out
+
+
+def package_root(name: str) -> tuple[str, str]:
+    """(folder or file, version) of an installed top-level package; ValueError when not installed."""
+    spec = importlib.util.find_spec(name)
+    if spec is None:
+        raise ValueError(f"package {name!r} is not installed")
+    root = list(spec.submodule_search_locations)[0] if spec.submodule_search_locations else spec.origin
+    dists = importlib.metadata.packages_distributions().get(name, [])
+    version = importlib.metadata.version(dists[0]) if dists else "unknown"
+    return root, version
+
+
+def _substantial_lines(source: str) -> set[str]:
+    return {line.strip() for line in source.splitlines() if len(line.strip()) >= _LINE_MIN}
+
+
+def _read_source(path: str) -> str | None:
+    try:
+        if os.path.getsize(path) > MAX_FILE_BYTES:
+            return None
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except (OSError, UnicodeDecodeError):
+        return None
 
 
 def is_val(relpath: str, val_percent: float) -> bool:
@@ -97,8 +138,10 @@ def math_documents(n: int, seed: int) -> Iterator[str]:
 
 
 def build_corpus(out: str, *, tokenizer: Tokenizer | None = None, stdlib: str | None = None,
-                 val_percent: float = 5.0, math_docs: int = 1000, seed: int = 0) -> dict:
-    """Build the corpus into folder `out` (created; an existing complete corpus is left alone).
+                 val_percent: float = 5.0, math_docs: int = 1000, seed: int = 0,
+                 packages: tuple[str, ...] = (), max_package_tokens: int | None = None) -> dict:
+    """Build the corpus into folder `out` (created; an existing complete corpus is left alone when
+    it was built with the same recipe, else ValueError).
 
     Args:
       out: output folder.
@@ -107,43 +150,93 @@ def build_corpus(out: str, *, tokenizer: Tokenizer | None = None, stdlib: str | 
       val_percent: share of files (and math documents) held out.
       math_docs: generated math documents.
       seed: math generator seed.
+      packages: installed top-level packages whose Python sources add training code and prose.
+      max_package_tokens: code tokens taken from each package at most (None: all).
     Returns:
-      The manifest: token counts per split and domain, the recipe and the held-out files.
+      The manifest: token counts per split and domain, the recipe, the held-out files and, per
+      package, its version and the files used and dropped.
     """
-    if os.path.isfile(os.path.join(out, MANIFEST)):
-        return read_corpus_manifest(out)
     tokenizer = tokenizer or Tokenizer()
     stdlib = stdlib or sysconfig.get_paths()["stdlib"]
+    recipe = {"stdlib": stdlib, "val_percent": val_percent, "math_docs": math_docs, "seed": seed,
+              "tokenizer": "mixtral v1", "vocab_size": tokenizer.vocab_size}
+    if packages:
+        recipe |= {"packages": list(packages), "max_package_tokens": max_package_tokens}
+    if os.path.isfile(os.path.join(out, MANIFEST)):
+        manifest = read_corpus_manifest(out)
+        if manifest["recipe"] != json.loads(json.dumps(recipe)):
+            raise ValueError(f"{out}: holds a corpus built with another recipe; use a new folder")
+        return manifest
     streams: dict[tuple[str, str], list[int]] = {(s, d): [] for s in SPLITS for d in DOMAINS}
-    val_files = []
-    for path in stdlib_files(stdlib):
-        rel = os.path.relpath(path, stdlib)
-        split = "val" if is_val(rel, val_percent) else "train"
-        if split == "val":
-            val_files.append(rel)
-        try:
-            with open(path, encoding="utf-8") as f:
-                source = f.read()
-        except (OSError, UnicodeDecodeError):
-            continue
-        streams[split, "code"] += tokenizer.encode(source)
+
+    def add(split: str, source: str) -> int:
+        code = tokenizer.encode(source)
+        streams[split, "code"] += code
         prose = prose_of(source)
         if prose:
             streams[split, "prose"] += tokenizer.encode(prose)
+        return len(code)
+
+    val_files, val_lines, seen = [], set(), set()
+    for path in stdlib_files(stdlib):
+        rel = os.path.relpath(path, stdlib)
+        split = "val" if is_val(rel, val_percent) else "train"
+        source = _read_source(path)
+        if split == "val":
+            val_files.append(rel)
+            val_lines |= _substantial_lines(source or "")
+        if source is None:
+            continue
+        seen.add(hashlib.sha256(source.encode()).hexdigest())
+        add(split, source)
     n_val = max(1, round(math_docs * val_percent / 100))
     for i, doc in enumerate(math_documents(math_docs, seed)):
         streams["val" if i >= math_docs - n_val else "train", "math"] += tokenizer.encode(doc)
+    used = {name: _add_package(name, add, val_lines, seen, max_package_tokens) for name in packages}
     os.makedirs(out, exist_ok=True)
     for (split, domain), ids in streams.items():
         np.save(os.path.join(out, f"{split}_{domain}.npy"), np.asarray(ids, np.int32))
     manifest = {"tokens": {s: {d: len(streams[s, d]) for d in DOMAINS} for s in SPLITS},
-                "recipe": {"stdlib": stdlib, "val_percent": val_percent, "math_docs": math_docs,
-                           "seed": seed, "tokenizer": "mixtral v1", "vocab_size": tokenizer.vocab_size},
-                "val_files": val_files}
+                "recipe": recipe, "val_files": val_files}
+    if packages:
+        manifest["packages"] = used
     with open(os.path.join(out, MANIFEST), "w", encoding="utf-8") as f:
         json.dump(manifest, f, indent=1)
     log.info("corpus %s: %s", out, manifest["tokens"])
     return manifest
+
+
+def _add_package(name: str, add, val_lines: set[str], seen: set[str], max_tokens: int | None) -> dict:
+    """Add one installed package's sources to the training split; returns what was used."""
+    root, version = package_root(name)
+    paths = [root] if os.path.isfile(root) else stdlib_files(root, EXCLUDED_DIRS | VENDORED_DIRS)
+    paths = [p for p in paths if not os.path.basename(p).startswith(("test_", "conftest"))]
+    base = os.path.dirname(root)
+    paths.sort(key=lambda p: zlib.crc32(os.path.relpath(p, base).encode()))
+    record = {"version": version, "files": [], "near_duplicates_dropped": [], "exact_duplicates_dropped": 0,
+              "code_tokens": 0}
+    for path in paths:
+        if max_tokens is not None and record["code_tokens"] >= max_tokens:
+            break
+        source = _read_source(path)
+        if not source:
+            continue
+        digest = hashlib.sha256(source.encode()).hexdigest()
+        rel = os.path.relpath(path, base)
+        if digest in seen:
+            record["exact_duplicates_dropped"] += 1
+            continue
+        lines = _substantial_lines(source)
+        shared = len(lines & val_lines)
+        if shared >= 10 and shared >= 0.25 * len(lines):
+            record["near_duplicates_dropped"].append(rel)
+            continue
+        seen.add(digest)
+        record["code_tokens"] += add("train", source)
+        record["files"].append(rel)
+    log.info("corpus: package %s %s: %d files, %d code tokens", name, version, len(record["files"]),
+             record["code_tokens"])
+    return record
 
 
 def read_corpus_manifest(folder: str) -> dict:

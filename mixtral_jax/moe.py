@@ -13,8 +13,13 @@ exactly (no dropped tokens unless a capacity factor is asked for):
   counts); it drops nothing and pads at most one partial step per expert. The fast exact path on one
   device with split weights, decode and prefill alike.
 - `ragged`: assignments sorted by expert, then `lax.ragged_dot` grouped matmuls. Differentiable
-  (`sorted`'s data-dependent loop is not), so it is the exact training path; the natural prefill
-  on TPU/GPU. On CPU XLA pads the groups, so it is slower than `sorted` there.
+  (`sorted`'s data-dependent loop is not), so it is the exact training path on TPU/GPU and their
+  natural prefill. On CPU XLA pads the groups, so it is slower than `sorted` there.
+- `blocked`: assignments sorted by expert into fixed-size blocks, each expert's run padded to whole
+  blocks, then one batched matmul over the blocks with each block's expert weights gathered.
+  Differentiable and static-shaped: the training path on CPU (4.5x faster than `ragged` there for
+  the demo model's layer, forward and backward). Gathering weights per block suits small experts
+  only: at Mixtral's size the copies would cost more than the matmuls.
 
 Expert weights come stacked ([E, D, F] arrays, the canonical layout) or split, the CPU layout `load`
 returns: a tuple of E per-expert matrices per weight, each in [out, in] orientation (w_gate and w_up
@@ -25,7 +30,7 @@ matmul with the weight as the left operand and few activation columns runs near 
 transposed activations [D, rows].
 
 Einsum alphabet: T tokens (flattened batch), D d_model, F ffw, E experts, X top-k slot,
-g routing group, t token within a group, c capacity slot.
+g routing group, t token within a group, c capacity slot, n block, r row within a block.
 """
 
 from __future__ import annotations
@@ -39,7 +44,7 @@ import jax.numpy as jnp
 from .quant import dequantize, take_expert
 from .sharding import constrain, experts_split, token_group_multiple
 
-STRATEGIES = ("auto", "dense", "gather", "einsum", "sorted", "ragged")
+STRATEGIES = ("auto", "dense", "gather", "einsum", "sorted", "ragged", "blocked")
 DEFAULT_GROUP_SIZE = 512
 
 
@@ -224,6 +229,58 @@ def moe_ragged(x, routing: Routing, valid, weights) -> jax.Array:
     return y.astype(x.dtype)
 
 
+def blocked_rows(n_assignments: int, n_experts: int) -> int:
+    """Rows per block for `blocked`: 128 (measured on the demo model's layer at 8 x 512 tokens: 128
+    and 256 tie, 64 is 1.5x slower), fewer when each expert averages fewer assignments."""
+    per_expert = -(-n_assignments // n_experts)
+    return min(128, max(8, 1 << max(0, per_expert - 1).bit_length()))
+
+
+def moe_blocked(x, routing: Routing, valid, weights, *, rows: int | None = None) -> jax.Array:
+    """Exact MoE over blocks of `rows` assignments, each block one expert's (differentiable).
+
+    Assignments are sorted by expert; each expert's run starts a new block, so its last block is
+    partly empty (those rows read token 0 and get zero gates). There are at most
+    ceil(T*X / rows) + E blocks, a static bound. Each block's expert weights are gathered and all
+    blocks run as one batched matmul.
+
+    Args:
+      x: [T, D]; valid: [T] bool (padding takes no rows); weights: split or stacked (split ones
+        are stacked first: a copy).
+      rows: rows per block (default `blocked_rows`).
+    Returns:
+      y [T, D].
+    """
+    n_tokens, k = routing.experts.shape
+    n_experts = routing.logits.shape[-1]
+    w_gate, w_up, w_down = _stacked(weights, x.dtype)
+    n_assign = n_tokens * k
+    rows = rows or blocked_rows(n_assign, n_experts)
+    n_blocks = -(-n_assign // rows) + n_experts
+    experts = jnp.where(valid[:, None], routing.experts, n_experts).reshape(-1)    # [T*X], pad -> E
+    order = jnp.argsort(experts, stable=True)
+    sorted_experts = experts[order]
+    counts = jnp.bincount(experts, length=n_experts + 1)[:n_experts]               # [E]
+    padded = -(-counts // rows) * rows
+    block_end = jnp.cumsum(padded)                                                  # [E] in rows
+    run_start = jnp.cumsum(counts) - counts
+    e = jnp.minimum(sorted_experts, n_experts - 1)
+    dest = jnp.where(sorted_experts < n_experts,
+                     block_end[e] - padded[e] + jnp.arange(n_assign) - run_start[e], n_blocks * rows)
+    token_of = jnp.zeros((n_blocks * rows,), jnp.int32).at[dest].set(
+        (jnp.arange(n_assign, dtype=jnp.int32) // k)[order], mode="drop")           # [n*rows]
+    gate_of = jnp.zeros((n_blocks * rows,), jnp.float32).at[dest].set(
+        routing.weights.reshape(-1)[order], mode="drop")                            # [n*rows]
+    block_expert = jnp.minimum(jnp.searchsorted(block_end, jnp.arange(n_blocks) * rows, side="right"),
+                               n_experts - 1)                                       # [n]
+    xb = x[token_of].reshape(n_blocks, rows, -1)                                    # [n, rows, D]
+    out = _swiglu(xb, w_gate[block_expert], w_up[block_expert], w_down[block_expert],
+                  "nrd,ndf->nrf", "nrf,nfd->nrd")                                   # [n, rows, D]
+    out = out.reshape(n_blocks * rows, -1).astype(jnp.float32)
+    y = jnp.zeros(x.shape, jnp.float32).at[token_of].add(gate_of[:, None] * out)
+    return y.astype(x.dtype)
+
+
 def einsum_capacity(group_size: int, n_experts: int, top_k: int, capacity_factor: float | None) -> int:
     """Expert capacity C per routing group; None means dropless (C = group size)."""
     if capacity_factor is None:
@@ -333,6 +390,8 @@ def moe(x, layer, *, top_k: int, valid=None, strategy: str = "auto",
         y = moe_sorted(x, routing, valid, weights)
     elif strategy == "ragged":
         y = moe_ragged(x, routing, valid, weights)
+    elif strategy == "blocked":
+        y = moe_blocked(x, routing, valid, weights)
     else:
         y, dropped = moe_einsum(x, routing, valid, weights, group_size=group_size,
                                 capacity_factor=capacity_factor, mesh=mesh)

@@ -67,7 +67,7 @@ class TrainConfig:
     eval_batches: int = 4
     save_every: int = 100
     keep: int = 3
-    moe_strategy: str = "ragged"    # exact and differentiable (mixtral_jax.moe)
+    moe_strategy: str | None = None  # exact and differentiable; None: `train_moe_strategy()`
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "seq_len", "log_every", "eval_every", "eval_batches",
@@ -137,15 +137,22 @@ def loss_fn(params, config: MixtralConfig, tc: TrainConfig, tokens: jax.Array, l
     pos = jnp.arange(t)[None, :]
     in_mask = pos < in_len[:, None]                                                # [B, T]
     tgt_mask = (pos + 1 < lengths[:, None]).astype(jnp.float32)                    # [B, T]
-    hidden, _, router_logits, _ = decoder(config, params, inputs, in_len, None, moe_strategy=tc.moe_strategy)
-    logits = lm_head(params, hidden)                                               # [B, T, V]
-    ce_all = optax.softmax_cross_entropy_with_integer_labels(logits, targets)      # [B, T]
-    ce = jnp.sum(ce_all * tgt_mask) / jnp.maximum(jnp.sum(tgt_mask), 1.0)
+    hidden, _, router_logits, _ = decoder(config, params, inputs, in_len, None,
+                                          moe_strategy=tc.moe_strategy or train_moe_strategy())
+    logits = lm_head(params, hidden.reshape(-1, hidden.shape[-1]))                 # [B*T, V]
+    ce_all = optax.softmax_cross_entropy_with_integer_labels(logits, targets.reshape(-1))  # [B*T]
+    ce = jnp.sum(ce_all * tgt_mask.reshape(-1)) / jnp.maximum(jnp.sum(tgt_mask), 1.0)
     aux = load_balancing_loss(router_logits, config.top_k, in_mask)
     z = router_z_loss(router_logits, in_mask)
     loss = ce + config.router_aux_loss_coef * aux + tc.z_loss_coef * z
     return loss, {"loss": loss, "ce": ce, "aux": aux, "z": z,
                   **routing_stats(jax.lax.stop_gradient(router_logits), config.top_k, in_mask)}
+
+
+def train_moe_strategy() -> str:
+    """The differentiable MoE strategy for this platform: `blocked` on CPU (XLA:CPU pads
+    `ragged_dot` to dense dots), `ragged` on GPU/TPU (grouped matmuls without weight copies)."""
+    return "blocked" if jax.default_backend() == "cpu" else "ragged"
 
 
 def learning_rate_schedule(tc: TrainConfig) -> optax.Schedule:

@@ -112,7 +112,7 @@ def test_unknown_strategy_is_rejected(rng):
         mj.forward(GQA, mj.init_params(GQA), [[1, 2]], moe_strategy="magic")
 
 
-@pytest.mark.parametrize("strategy", ["dense", "gather", "einsum", "sorted", "ragged"])
+@pytest.mark.parametrize("strategy", ["dense", "gather", "einsum", "sorted", "ragged", "blocked"])
 @pytest.mark.parametrize("n_tokens", [1, 3, 37, 64])
 def test_split_layout_and_sorted_equal_the_oracle(rng, strategy, n_tokens):
     """Per-expert (split) leaves give the same results as stacked ones, for every strategy."""
@@ -157,8 +157,10 @@ def test_sorted_steps_of_any_size_are_exact(rng, chunk):
     assert moe_lib.sorted_chunk(40, 8, 2) == 32
 
 
-def test_ragged_gradients_equal_the_oracle(rng):
-    """`ragged` is the training path: its gradients (inputs and every weight) equal dense's."""
+@pytest.mark.parametrize("strategy", ["ragged", "blocked"])
+def test_training_strategy_gradients_equal_the_oracle(rng, strategy):
+    """`ragged` and `blocked` are the training paths: their gradients (inputs and every weight)
+    equal dense's."""
     params, x = layer_and_input(GQA, rng, 24)
     valid = jnp.arange(24) < 20
 
@@ -166,7 +168,20 @@ def test_ragged_gradients_equal_the_oracle(rng):
         y, _, _ = moe_lib.moe(x, p, top_k=2, strategy=strategy, valid=valid)
         return jnp.sum(jnp.where(valid[:, None], y, 0.0) ** 2)
 
-    got = jax.grad(loss, argnums=(0, 1))(params, x, "ragged")
+    got = jax.grad(loss, argnums=(0, 1))(params, x, strategy)
     ref = jax.grad(loss, argnums=(0, 1))(params, x, "dense")
     for g, r in zip(jax.tree.leaves(got), jax.tree.leaves(ref)):
         np.testing.assert_allclose(np.asarray(g), np.asarray(r), atol=GRAD_TOL, rtol=GRAD_TOL)
+
+
+@pytest.mark.parametrize("rows", [1, 4, 16])
+def test_blocked_blocks_of_any_size_are_exact(rng, rows):
+    """Experts spanning several blocks, partly empty last blocks and padding tokens: still the oracle."""
+    params, x = layer_and_input(GQA, rng, 37)
+    valid = jnp.arange(37) < 30
+    routing = moe_lib.route(x, params["router"], 2)
+    weights = tuple(params[k] for k in ("w_gate", "w_up", "w_down"))
+    y = moe_lib.moe_blocked(x, routing, valid, weights, rows=rows)
+    ref, _, _ = moe_lib.moe(x[:30], params, top_k=2, strategy="dense")
+    np.testing.assert_allclose(np.asarray(y)[:30], np.asarray(ref), atol=STRATEGY_ATOL, rtol=0)
+    assert moe_lib.blocked_rows(8192, 8) == 128 and moe_lib.blocked_rows(48, 8) == 8

@@ -32,8 +32,10 @@ def test_aux_loss_equals_hf_load_balancing_loss(rng, masked):
     assert abs(float(ours) - 2.0) > 0.01  # unbalanced logits: not the balanced value k
 
 
-def test_loss_and_gradients_equal_hf(tmp_path, rng):
-    """CE + coef * aux and its gradient for every parameter, against HF's loss.backward()."""
+@pytest.mark.parametrize("strategy", ["ragged", "blocked", None])
+def test_loss_and_gradients_equal_hf(tmp_path, rng, strategy):
+    """CE + coef * aux and its gradient for every parameter, against HF's loss.backward(), with each
+    differentiable MoE strategy and the platform's default."""
     import torch
 
     model = hf_model(TINY, std=0.1)
@@ -51,7 +53,7 @@ def test_loss_and_gradients_equal_hf(tmp_path, rng):
     model.save_pretrained(tmp_path / "grads")
     ref_grads = mj.load(tmp_path / "grads", dtype="float32", layout="stacked").params
 
-    tc = tr.TrainConfig(moe_strategy="ragged")
+    tc = tr.TrainConfig(moe_strategy=strategy)
     lengths = jnp.full((2,), 13, jnp.int32)
     loss_and_grad = jax.jit(jax.value_and_grad(tr.loss_fn, has_aux=True), static_argnums=(1, 2))
     (loss, metrics), grads = loss_and_grad(params, TINY, tc, jnp.asarray(tokens), lengths)
@@ -198,6 +200,44 @@ def test_corpus_split_by_file_and_domains(tmp_path):
     assert "=" in tok.decode(corpus["val", "math"][:40].tolist())
     baseline = unigram_loss(corpus, tok.vocab_size)
     assert set(baseline) == set(DOMAINS) and all(v > 0 for v in baseline.values())
+
+
+def test_corpus_packages_add_training_code_without_held_out_copies(tmp_path, monkeypatch):
+    """Installed packages feed the training split only; their tests and vendored folders are
+    skipped, and copies of held-out stdlib files (exact or edited) are dropped."""
+    lib, site = tmp_path / "lib", tmp_path / "site"
+    lib.mkdir()
+    held_out_body = "".join(f"    value_{j} = compute_something_long({j}, argument_{j})\n" for j in range(30))
+    for i in range(20):
+        (lib / f"m{i}.py").write_text(f"def f{i}(x):\n{held_out_body}    return x + {i}\n")
+    tok = mj.Tokenizer()
+    plain = build_corpus(str(tmp_path / "plain"), tokenizer=tok, stdlib=str(lib), val_percent=30, math_docs=5)
+    held = plain["val_files"][0]
+    pkg = site / "fakepkg"
+    for folder in ("", "tests", "_vendor", "sub"):
+        (pkg / folder).mkdir(parents=True, exist_ok=True)
+    (pkg / "__init__.py").write_text('"""A fake package whose module docstring is long enough to count as prose in the corpus, surely enough."""\n')
+    (pkg / "sub" / "tool.py").write_text("def tool(a, b):\n    return sorted(a) + list(b)\n" * 3)
+    (pkg / "sub" / "copy.py").write_text((lib / held).read_text())                 # exact copy
+    (pkg / "sub" / "edited.py").write_text("# vendored\n" + (lib / held).read_text().replace("x + ", "x - "))
+    (pkg / "tests" / "test_tool.py").write_text("assert tool([2, 1], [3]) == [1, 2, 3]\n")
+    (pkg / "_vendor" / "other.py").write_text("VENDORED = True\n")
+    monkeypatch.syspath_prepend(str(site))
+    manifest = build_corpus(str(tmp_path / "more"), tokenizer=tok, stdlib=str(lib), val_percent=30, math_docs=5,
+                            packages=("fakepkg",))
+    used = manifest["packages"]["fakepkg"]
+    assert sorted(used["files"]) == ["fakepkg/__init__.py", "fakepkg/sub/tool.py"]
+    assert used["near_duplicates_dropped"] == ["fakepkg/sub/edited.py"] and used["exact_duplicates_dropped"] == 1
+    assert manifest["val_files"] == plain["val_files"] and manifest["tokens"]["val"] == plain["tokens"]["val"]
+    assert manifest["tokens"]["train"]["code"] == plain["tokens"]["train"]["code"] + used["code_tokens"]
+    assert manifest["tokens"]["train"]["prose"] > plain["tokens"]["train"]["prose"]
+    capped = build_corpus(str(tmp_path / "capped"), tokenizer=tok, stdlib=str(lib), val_percent=30, math_docs=5,
+                          packages=("fakepkg",), max_package_tokens=1)
+    assert len(capped["packages"]["fakepkg"]["files"]) == 1
+    with pytest.raises(ValueError, match="another recipe"):
+        build_corpus(str(tmp_path / "more"), tokenizer=tok, stdlib=str(lib), val_percent=30, math_docs=5)
+    with pytest.raises(ValueError, match="not installed"):
+        build_corpus(str(tmp_path / "none"), tokenizer=tok, stdlib=str(lib), packages=("no_such_package_here",))
 
 
 def test_train_cli_runs_and_writes_a_loadable_model(tmp_path):
