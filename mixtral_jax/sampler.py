@@ -6,7 +6,9 @@ arrays: changing temperature, top-k/p, min-p, seeds or stop tokens compiles noth
 random stream depends only on its own seed and step, so a row's output does not depend on what it
 is batched with.
 
-Filters apply in HF's order: temperature, top-k, top-p, min-p. Temperature 0 is greedy.
+Penalties come first, on the raw logits: HF's repetition penalty over the prompt and the output,
+then OpenAI's frequency and presence penalties over the output (vLLM's order). Then the filters, in
+HF's order: temperature, top-k, top-p, min-p. Temperature 0 is greedy (over the penalised logits).
 """
 
 from __future__ import annotations
@@ -33,6 +35,9 @@ class SamplingParams:
     top_k: jax.Array
     top_p: jax.Array
     min_p: jax.Array
+    repetition_penalty: jax.Array   # 1 disables
+    presence_penalty: jax.Array     # 0 disables
+    frequency_penalty: jax.Array    # 0 disables
 
 
 @flax.struct.dataclass
@@ -45,11 +50,34 @@ class DecodeState:
     n_new: jax.Array           # [B] tokens generated per row
     tokens: jax.Array          # [B, N] generated tokens
     logprobs: jax.Array        # [B, N] log-softmax of the raw logits at each chosen token
+    counts: jax.Array          # [B, V] int32 how often each token was generated
+    in_prompt: jax.Array       # [B, V] bool whether each token occurs in the prompt
 
 
 def bucket(n: int, minimum: int = MIN_BUCKET) -> int:
     """The smallest power of two >= max(n, minimum)."""
     return max(minimum, 1 << max(0, int(n) - 1).bit_length())
+
+
+def apply_penalties(logits: jax.Array, p: SamplingParams, counts: jax.Array, in_prompt: jax.Array) -> jax.Array:
+    """Repetition penalty (HF), then frequency and presence penalties (OpenAI).
+
+    HF's `RepetitionPenaltyLogitsProcessor`: the logit of a token already in the prompt or the output
+    is divided by the penalty when positive and multiplied by it otherwise. OpenAI: subtract
+    `frequency * count + presence * [count > 0]`, counting generated tokens only.
+
+    Args:
+      logits: [B, V] float32 raw logits.
+      p: per-row parameters.
+      counts: [B, V] int32 generated-token counts; in_prompt: [B, V] bool.
+    Returns:
+      [B, V] float32 penalised logits.
+    """
+    generated = counts > 0
+    rp = p.repetition_penalty[:, None]
+    x = jnp.where(in_prompt | generated, jnp.where(logits < 0, logits * rp, logits / rp), logits)
+    return (x - p.frequency_penalty[:, None] * counts.astype(jnp.float32)
+            - p.presence_penalty[:, None] * generated.astype(jnp.float32))
 
 
 def filter_logits(logits: jax.Array, p: SamplingParams) -> jax.Array:
@@ -109,15 +137,16 @@ def _choose(state: DecodeState, logits, p, seeds, stop, max_new, mesh) -> Decode
     """
     logits = constrain(logits, (None, None), mesh)
     keys = jax.vmap(lambda s: jax.random.fold_in(jax.random.key(s), state.step))(seeds)
-    token = sample(logits, p, keys)
+    token = sample(apply_penalties(logits, p, state.counts, state.in_prompt), p, keys)
     logprob = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), token[:, None], axis=-1)[:, 0]
     live = ~state.done
     n_new = state.n_new + live
     done = state.done | (live & (jnp.isin(token, stop) | (n_new >= max_new)))
     col = jnp.minimum(state.step, state.tokens.shape[1] - 1)
     rows = lambda a: constrain(a, (None,) * a.ndim, mesh)  # noqa: E731 - replicated
+    counts = state.counts.at[jnp.arange(token.shape[0]), token].add(live.astype(jnp.int32))
     return state.replace(
-        last=rows(token), step=state.step + 1, done=rows(done), n_new=rows(n_new),
+        last=rows(token), step=state.step + 1, done=rows(done), n_new=rows(n_new), counts=rows(counts),
         tokens=rows(state.tokens.at[:, col].set(jnp.where(live, token, state.tokens[:, col]))),
         logprobs=rows(state.logprobs.at[:, col].set(jnp.where(live, logprob, 0.0))))
 
@@ -132,14 +161,18 @@ def prefill(config, params, tokens, lengths, p, seeds, stop, max_new, *, cache_l
       cache_len: KV cache slots (static); out_len: generated-token buffer width (static).
       mesh: the parameters' mesh (static), or None.
     """
-    b = tokens.shape[0]
+    b, t = tokens.shape
+    vocab = config.vocab_size
     cache = init_cache(config, b, cache_len, dtype=params["embed"].dtype)
     hidden, cache, _, _ = decoder(config, params, tokens, lengths, cache, mesh=mesh)
     last_hidden = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)[:, 0]  # [B, D]
+    prompt_ids = jnp.where(jnp.arange(t)[None, :] < lengths[:, None], tokens, vocab)   # padding -> dropped
+    in_prompt = jnp.zeros((b, vocab), bool).at[jnp.arange(b)[:, None], prompt_ids].set(True, mode="drop")
     state = DecodeState(cache=cache, last=jnp.zeros((b,), jnp.int32), step=jnp.zeros((), jnp.int32),
                         done=jnp.zeros((b,), bool), n_new=jnp.zeros((b,), jnp.int32),
                         tokens=jnp.zeros((b, out_len), jnp.int32),
-                        logprobs=jnp.zeros((b, out_len), jnp.float32))
+                        logprobs=jnp.zeros((b, out_len), jnp.float32),
+                        counts=jnp.zeros((b, vocab), jnp.int32), in_prompt=in_prompt)
     return _choose(state, lm_head(params, last_hidden), p, seeds, stop, max_new, mesh)
 
 
@@ -193,7 +226,8 @@ def _per_row(name: str, value, n: int, dtype) -> np.ndarray:
 
 
 def prepare(model: Model, prompts, *, max_new_tokens, temperature=0.0, top_k=0, top_p=1.0, min_p=0.0,
-            stop_tokens=None, seed=0) -> _Batch:
+            repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0, stop_tokens=None,
+            seed=0) -> _Batch:
     """Validate everything on the host (ValueError naming the value) and build padded arrays."""
     config = model.config
     if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence) or not prompts:
@@ -221,10 +255,16 @@ def prepare(model: Model, prompts, *, max_new_tokens, temperature=0.0, top_k=0, 
     top_k = _per_row("top_k", top_k, n, np.int32)
     top_p = _per_row("top_p", top_p, n, np.float32)
     min_p = _per_row("min_p", min_p, n, np.float32)
+    rep_pen = _per_row("repetition_penalty", repetition_penalty, n, np.float32)
+    presence = _per_row("presence_penalty", presence_penalty, n, np.float32)
+    frequency = _per_row("frequency_penalty", frequency_penalty, n, np.float32)
     seeds = _per_row("seed", seed, n, np.int64)
     for name, arr, ok in (("temperature", temperature, temperature >= 0), ("top_k", top_k, top_k >= 0),
                           ("top_p", top_p, (top_p > 0) & (top_p <= 1)),
                           ("min_p", min_p, (min_p >= 0) & (min_p <= 1)),
+                          ("repetition_penalty", rep_pen, rep_pen > 0),
+                          ("presence_penalty", presence, np.abs(presence) <= 2),
+                          ("frequency_penalty", frequency, np.abs(frequency) <= 2),
                           ("seed", seeds, (seeds >= 0) & (seeds < 2**32))):
         if not np.all(ok & np.isfinite(arr)):
             raise ValueError(f"{name} out of range: {arr[~(ok & np.isfinite(arr))][0]}")
@@ -245,8 +285,8 @@ def prepare(model: Model, prompts, *, max_new_tokens, temperature=0.0, top_k=0, 
         tokens[b, :len(p)] = p
     out_len = bucket(int(max_new.max()))
     cache_len = min(t + out_len, config.max_seq_len)
-    return _Batch(tokens, lengths, SamplingParams(temperature, top_k, top_p, min_p),
-                  seeds.astype(np.uint32), stop, max_new, cache_len, out_len)
+    params = SamplingParams(temperature, top_k, top_p, min_p, rep_pen, presence, frequency)
+    return _Batch(tokens, lengths, params, seeds.astype(np.uint32), stop, max_new, cache_len, out_len)
 
 
 def _rows(state: DecodeState, logprobs: bool):
@@ -258,7 +298,8 @@ def _rows(state: DecodeState, logprobs: bool):
 
 
 def generate(model: Model, prompts, *, max_new_tokens, temperature=0.0, top_k=0, top_p=1.0, min_p=0.0,
-             stop_tokens=None, seed=0, logprobs: bool = False):
+             repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0, stop_tokens=None,
+             seed=0, logprobs: bool = False):
     """Generate continuations of a batch of prompts.
 
     Args:
@@ -267,26 +308,34 @@ def generate(model: Model, prompts, *, max_new_tokens, temperature=0.0, top_k=0,
       max_new_tokens: scalar or per prompt, >= 1.
       temperature, top_k, top_p, min_p, seed: scalars or one value per prompt. temperature 0 is
         greedy; top_k 0, top_p 1 and min_p 0 disable their filters.
+      repetition_penalty (> 0; 1 disables), presence_penalty, frequency_penalty ([-2, 2]; 0
+        disables): scalars or one value per prompt (see `apply_penalties`).
       stop_tokens: token ids that end a row (included in its output); None for EOS.
-      logprobs: also return each chosen token's log-probability under the raw logits.
+      logprobs: also return each chosen token's log-probability under the raw logits (before
+        penalties and filters).
     Returns:
       Per prompt, its new token ids (ending at and including the first stop token); with
       `logprobs=True`, `(tokens, logprobs)`.
     """
     b = prepare(model, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                top_p=top_p, min_p=min_p, stop_tokens=stop_tokens, seed=seed)
+                top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty,
+                presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
+                stop_tokens=stop_tokens, seed=seed)
     state = _generate_jit(model.config, model.params, b.tokens, b.lengths, b.params, b.seeds, b.stop,
                           b.max_new, cache_len=b.cache_len, out_len=b.out_len, mesh=mesh_of(model.params))
     return _rows(state, logprobs)
 
 
 def generate_stream(model: Model, prompts, *, max_new_tokens, temperature=0.0, top_k=0, top_p=1.0,
-                    min_p=0.0, stop_tokens=None, seed=0, logprobs: bool = False) -> Iterator[list]:
+                    min_p=0.0, repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0,
+                    stop_tokens=None, seed=0, logprobs: bool = False) -> Iterator[list]:
     """Like `generate`, yielding after each step a list with each row's new token, or None for rows
     that have already stopped (with `logprobs=True`, `(token, logprob)` pairs). Driven by the same
     prefill and decode step as `generate`, with the cache donated between steps."""
     b = prepare(model, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                top_p=top_p, min_p=min_p, stop_tokens=stop_tokens, seed=seed)
+                top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty,
+                presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
+                stop_tokens=stop_tokens, seed=seed)
     args = (b.params, b.seeds, b.stop, b.max_new)
     mesh = mesh_of(model.params)
     state = _prefill_jit(model.config, model.params, b.tokens, b.lengths, *args,

@@ -40,6 +40,15 @@ def test_batched_greedy_equals_hf_generate_per_prompt(pair):
 
 # ---- filters against plain numpy (HF's LogitsWarper semantics) ----
 
+def params_of(n, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0, presence_penalty=0.0,
+              frequency_penalty=0.0):
+    """Per-row SamplingParams with every row set alike."""
+    return sampler.SamplingParams(
+        np.full(n, temperature, np.float32), np.full(n, top_k, np.int32), np.full(n, top_p, np.float32),
+        np.full(n, min_p, np.float32), np.full(n, repetition_penalty, np.float32),
+        np.full(n, presence_penalty, np.float32), np.full(n, frequency_penalty, np.float32))
+
+
 def np_softmax(x):
     e = np.exp(x - x.max())
     return e / e.sum()
@@ -68,8 +77,7 @@ def np_filter(logits, temperature, top_k, top_p, min_p):
     (0.9, 20, 0.9, 0.05), (1.0, 1, 1.0, 0.0), (2.0, 0, 0.3, 0.0), (1.0, 3, 0.5, 0.2)])
 def test_filters_match_numpy_reference(rng, temperature, top_k, top_p, min_p):
     logits = (rng.standard_normal((6, 300)) * 3).astype(np.float32)
-    p = sampler.SamplingParams(*(np.full(6, v, dt) for v, dt in (
-        (temperature, np.float32), (top_k, np.int32), (top_p, np.float32), (min_p, np.float32))))
+    p = params_of(6, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
     got = np.asarray(sampler.filter_logits(logits, p))
     for row in range(6):
         ref = np_filter(logits[row].astype(np.float64), temperature, top_k, top_p, min_p)
@@ -81,8 +89,7 @@ def test_filters_match_numpy_reference(rng, temperature, top_k, top_p, min_p):
 
 def test_samples_follow_the_filtered_distribution():
     logits = np.log(np.array([[0.5, 0.3, 0.15, 0.05]], np.float32))
-    p = sampler.SamplingParams(np.ones(1, np.float32), np.zeros(1, np.int32), np.full(1, 0.7, np.float32),
-                               np.zeros(1, np.float32))
+    p = params_of(1, temperature=1.0, top_p=0.7)
     keys = jax.random.split(jax.random.key(0), 4000)
     draws = np.asarray(jax.vmap(lambda k: sampler.sample(logits, p, k[None]))(keys))[:, 0]
     freq = np.bincount(draws, minlength=4) / draws.size
@@ -160,7 +167,9 @@ def test_compile_count_over_prompt_lengths_and_sampling_changes(pair):
     sweep = sampler.compiled_programs() - before
     assert 1 <= sweep <= 10
     before = sampler.compiled_programs()
-    for kw in (dict(temperature=0.7), dict(temperature=1.3, top_p=0.5), dict(seed=9, top_k=3, min_p=0.1)):
+    for kw in (dict(temperature=0.7), dict(temperature=1.3, top_p=0.5), dict(seed=9, top_k=3, min_p=0.1),
+               dict(repetition_penalty=1.3), dict(presence_penalty=-1.5, frequency_penalty=0.7),
+               dict(temperature=0.8, repetition_penalty=0.9, frequency_penalty=2.0)):
         mj.generate(ours, [[5] * 40], max_new_tokens=2, stop_tokens=[], **kw)
     assert sampler.compiled_programs() == before
 
@@ -172,7 +181,9 @@ def test_compile_count_over_prompt_lengths_and_sampling_changes(pair):
     (dict(prompts=[[]]), "empty"), (dict(prompts=[]), "non-empty"), (dict(prompts=[[1, 101]]), "out of range"),
     (dict(prompts=[[1] * 1000], max_new_tokens=30), "exceeds the context"),
     (dict(prompts=["text"]), "tokenizer"), (dict(temperature=[0.5, 0.5, 0.5]), "one value per prompt"),
-    (dict(stop_tokens=[500]), "stop token"),
+    (dict(stop_tokens=[500]), "stop token"), (dict(repetition_penalty=0.0), "repetition_penalty"),
+    (dict(repetition_penalty=-1.0), "repetition_penalty"), (dict(presence_penalty=2.5), "presence_penalty"),
+    (dict(frequency_penalty=-2.01), "frequency_penalty"), (dict(frequency_penalty=float("nan")), "frequency_penalty"),
 ])
 def test_invalid_values_raise_before_any_jit(pair, kw, match):
     _, ours = pair
@@ -182,3 +193,93 @@ def test_invalid_values_raise_before_any_jit(pair, kw, match):
     with pytest.raises(ValueError, match=match):
         mj.generate(ours, args.pop("prompts"), **args)
     assert sampler.compiled_programs() == before
+
+
+# ---- penalties: HF's repetition penalty, OpenAI's presence and frequency penalties ----
+
+@pytest.mark.parametrize("penalty", [1.0, 1.3, 0.7])
+def test_repetition_penalty_equals_hf_logits_processor(rng, penalty):
+    import torch
+    from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
+
+    logits = (rng.standard_normal((3, 200)) * 3).astype(np.float32)
+    history = [rng.integers(0, 200, n) for n in (1, 17, 60)]        # prompt + output so far, per row
+    counts = np.zeros((3, 200), np.int32)
+    in_prompt = np.zeros((3, 200), bool)
+    for r, ids in enumerate(history):                               # first half prompt, rest generated
+        in_prompt[r, ids[:len(ids) // 2 + 1]] = True
+        np.add.at(counts[r], ids[len(ids) // 2 + 1:], 1)
+    got = np.asarray(sampler.apply_penalties(logits, params_of(3, repetition_penalty=penalty), counts, in_prompt))
+    proc = RepetitionPenaltyLogitsProcessor(penalty)
+    for r, ids in enumerate(history):
+        ref = proc(torch.as_tensor(ids[None]), torch.as_tensor(logits[r:r + 1])).numpy()[0]
+        np.testing.assert_allclose(got[r], ref, rtol=1e-6)
+    assert (penalty == 1.0) == np.array_equal(got, logits)
+
+
+def test_presence_and_frequency_penalties_equal_the_openai_formula(rng):
+    logits = (rng.standard_normal((2, 50)) * 2).astype(np.float32)
+    counts = rng.integers(0, 4, (2, 50)).astype(np.int32) * (rng.random((2, 50)) < 0.3)
+    in_prompt = rng.random((2, 50)) < 0.5                           # ignored by both penalties
+    p = sampler.SamplingParams(*(np.asarray(v, dt) for v, dt in (
+        ([1.0, 1.0], np.float32), ([0, 0], np.int32), ([1.0, 1.0], np.float32), ([0.0, 0.0], np.float32),
+        ([1.0, 1.0], np.float32), ([0.6, -1.2], np.float32), ([0.4, 1.9], np.float32))))
+    got = np.asarray(sampler.apply_penalties(logits, p, counts, in_prompt))
+    presence, frequency = np.array([[0.6], [-1.2]]), np.array([[0.4], [1.9]])
+    ref = logits - frequency * counts - presence * (counts > 0)     # OpenAI's documented formula
+    np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-6)
+
+
+def test_greedy_with_repetition_penalty_equals_hf_generate(pair):
+    """The penalty inside the jitted loop over prompt and output, against HF end to end."""
+    import torch
+
+    hf, ours = pair
+    for prompt in prompts_of([1, 9, 30], seed=3):
+        got = mj.generate(ours, [prompt], max_new_tokens=40, repetition_penalty=1.5, stop_tokens=[])[0]
+        with torch.inference_mode():
+            ref = hf.generate(torch.tensor([prompt]), max_new_tokens=40, min_new_tokens=40, do_sample=False,
+                              repetition_penalty=1.5, eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
+        assert got == ref
+        assert got != mj.generate(ours, [prompt], max_new_tokens=40, stop_tokens=[])[0]
+
+
+def test_greedy_with_openai_penalties_equals_a_numpy_loop(pair):
+    """Greedy decoding over penalised logits, step by step from our uncached forward pass."""
+    _, ours = pair
+    prompts = prompts_of([4, 12], seed=5)
+    presence, frequency = [0.8, -0.5], [0.5, 1.5]
+    got = mj.generate(ours, prompts, max_new_tokens=20, presence_penalty=presence, frequency_penalty=frequency,
+                      stop_tokens=[])
+    for r, prompt in enumerate(prompts):
+        seq, counts = list(prompt), np.zeros(CONFIG.vocab_size)
+        for _ in range(20):
+            logits = np.asarray(mj.forward(ours.config, ours.params, [seq]))[0, -1].astype(np.float64)
+            token = int(np.argmax(logits - frequency[r] * counts - presence[r] * (counts > 0)))
+            counts[token] += 1
+            seq.append(token)
+        assert got[r] == seq[len(prompt):]
+    assert got != mj.generate(ours, prompts, max_new_tokens=20, stop_tokens=[])
+
+
+def test_neutral_penalties_change_no_token(pair):
+    _, ours = pair
+    prompts = prompts_of([3, 17, 40], seed=8)
+    for kw in (dict(), dict(temperature=1.1, top_k=40, seed=[1, 2, 3])):
+        plain = mj.generate(ours, prompts, max_new_tokens=24, stop_tokens=[], **kw)
+        neutral = mj.generate(ours, prompts, max_new_tokens=24, stop_tokens=[], repetition_penalty=1.0,
+                              presence_penalty=0.0, frequency_penalty=0.0, **kw)
+        assert neutral == plain
+
+
+def test_penalties_act_per_row_and_in_the_stream(pair):
+    _, ours = pair
+    prompts = prompts_of([5, 7], seed=9)
+    kw = dict(max_new_tokens=16, repetition_penalty=[1.0, 1.6], frequency_penalty=[1.0, 0.0], stop_tokens=[])
+    batched = mj.generate(ours, prompts, **kw)
+    for r in range(2):
+        alone = mj.generate(ours, [prompts[r]], max_new_tokens=16, repetition_penalty=[kw["repetition_penalty"][r]],
+                            frequency_penalty=[kw["frequency_penalty"][r]], stop_tokens=[])[0]
+        assert batched[r] == alone
+    steps = list(mj.generate_stream(ours, prompts, **kw))
+    assert [[s[r] for s in steps] for r in range(2)] == batched
