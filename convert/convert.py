@@ -21,6 +21,7 @@ import numpy as np
 from mixtral_jax.checkpoint import (MANIFEST, TOKENIZER_FILE, atomic_folder, item_names, read_manifest,
                                     resolve_dtype, restore_item, save_item, write_manifest)
 from mixtral_jax.config import MixtralConfig
+from mixtral_jax.generation_config import GENERATION_CONFIG, read as read_generation_config
 from mixtral_jax.model import count_params
 from mixtral_jax.quant import quantize_layer
 
@@ -74,6 +75,7 @@ def convert(src: str, out: str, *, dtype=None, allow_pickle: bool = False,
     source = open_source(src, fmt, allow_pickle)
     items = plan(config, fmt, source)
     dt = source.dtype() if dtype is None else resolve_dtype(dtype)
+    generation = _generation_config(src, config)
     tokenizer = os.path.join(src, TOKENIZER_FILE)
     total = source.nbytes()
     log.info("converting %s (%s, %.2f GB, %s) to %s", src, fmt, total / 1e9, dt, out)
@@ -89,7 +91,20 @@ def convert(src: str, out: str, *, dtype=None, allow_pickle: bool = False,
         write_manifest(tmp, config, dt, source_format=fmt, quantize=quantize)
         if os.path.isfile(tokenizer):
             shutil.copy(tokenizer, os.path.join(tmp, TOKENIZER_FILE))
+        if generation:
+            shutil.copy(generation, os.path.join(tmp, GENERATION_CONFIG))
     return {"format": fmt, "config": config, "dtype": dt.name, "bytes": total, "quantize": quantize}
+
+
+def _generation_config(folder: str, config: MixtralConfig) -> str | None:
+    """The folder's generation_config.json after validation (a bad one is a CheckpointError), or
+    None. It is copied as it is, keys this package does not read included."""
+    try:
+        read_generation_config(folder, config.vocab_size)
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
+    path = os.path.join(folder, GENERATION_CONFIG)
+    return path if os.path.isfile(path) else None
 
 
 def export(ckpt: str, out: str, *, fmt: str) -> None:
@@ -105,18 +120,23 @@ def export(ckpt: str, out: str, *, fmt: str) -> None:
         raise CheckpointError(f"{ckpt}: int8-quantized checkpoints cannot be exported (convert the "
                               "original again without --quantize)")
     config, dt = manifest["config"], np.dtype(resolve_dtype(manifest["dtype"]))
+    generation = _generation_config(ckpt, config)
     items = ((name, restore_item(ckpt, config, name, dt)) for name in item_names(config))
     tokenizer = os.path.join(ckpt, TOKENIZER_FILE)
-    write_folder(out, config, items, fmt, dt, tokenizer if os.path.isfile(tokenizer) else None)
+    write_folder(out, config, items, fmt, dt, tokenizer if os.path.isfile(tokenizer) else None,
+                 generation_config=generation)
 
 
 def write_folder(out: str, config: MixtralConfig, items: Iterable[tuple[str, dict[str, Any]]], fmt: str,
-                 dtype, tokenizer: str | None = None) -> None:
-    """Write (item name, canonical leaves) pairs, globals first, as an HF or Mistral folder."""
+                 dtype, tokenizer: str | None = None, generation_config: str | None = None) -> None:
+    """Write (item name, canonical leaves) pairs, globals first, as an HF or Mistral folder (HF: with
+    a copy of the `generation_config` file; the Mistral format has no such file)."""
     dt = np.dtype(dtype)
     with atomic_folder(out) as tmp:
         if fmt == "hf":
             _write_hf(tmp, config, items, dt)
+            if generation_config:
+                shutil.copy(generation_config, os.path.join(tmp, GENERATION_CONFIG))
         else:
             _write_mistral(tmp, config, items, dt)
         if tokenizer:

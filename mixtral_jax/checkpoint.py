@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .config import MixtralConfig
+from .generation_config import read as read_generation_config, write as write_generation_config
 from .quant import CONTRACTED, MODES as QUANT_MODES, quantize_layer
 from .model import Model, ParamSpec, default_dtype, default_layout, layer_name, param_specs, split_layer
 from .sharding import sharding_for
@@ -104,7 +105,8 @@ def atomic_folder(out: str) -> Iterator[str]:
         raise
 
 
-def save(path, config: MixtralConfig, params, *, dtype=None, tokenizer: str | None = None) -> None:
+def save(path, config: MixtralConfig, params, *, dtype=None, tokenizer: str | None = None,
+         generation_config: dict | None = None) -> None:
     """Write `params` (canonical layout) as a new project checkpoint folder `path`.
 
     Args:
@@ -113,6 +115,8 @@ def save(path, config: MixtralConfig, params, *, dtype=None, tokenizer: str | No
       params: canonical parameter pytree (stacked experts, unquantized).
       dtype: None keeps the parameters' dtype; else "float32", "bfloat16" or "float16".
       tokenizer: a tokenizer.model to copy in, or None.
+      generation_config: generation defaults to write as generation_config.json (see
+        mixtral_jax.generation_config), or None.
     """
     dt = np.dtype(jax.tree.leaves(params)[0].dtype) if dtype is None else resolve_dtype(dtype)
     with atomic_folder(os.fspath(path)) as tmp:
@@ -121,6 +125,8 @@ def save(path, config: MixtralConfig, params, *, dtype=None, tokenizer: str | No
         write_manifest(tmp, config, dt)
         if tokenizer:
             shutil.copy(tokenizer, os.path.join(tmp, TOKENIZER_FILE))
+        if generation_config:
+            write_generation_config(tmp, generation_config)
 
 
 def _checkpointer():
@@ -222,8 +228,9 @@ def load(path, *, dtype=None, mesh=None, layout=None, quantize=None) -> Model:
       quantize: None, or "int8" for int8 weight-only expert and attention matrices (see
         mixtral_jax.quant). A checkpoint converted with `--quantize int8` loads quantized anyway.
     Returns:
-      Model with `.config`, `.params` (canonical layout) and `.tokenizer` (from the folder's
-      tokenizer.model, or None).
+      Model with `.config`, `.params` (canonical layout), `.tokenizer` (from the folder's
+      tokenizer.model, or None) and `.generation_config` (the folder's generation_config.json,
+      validated, or {}).
     Raises:
       ValueError (mixtral_convert.CheckpointError) naming the file and the problem.
     """
@@ -240,6 +247,7 @@ def load(path, *, dtype=None, mesh=None, layout=None, quantize=None) -> Model:
     path = os.fspath(path)
     fmt = detect_format(path)
     manifest = read_manifest(path) if fmt == "orbax" else {}
+    read_generation_config(path)  # a malformed file fails before any weight is read
     stored_quant = manifest.get("quantize")
     quantize = quantize or stored_quant
 
@@ -281,4 +289,4 @@ def load(path, *, dtype=None, mesh=None, layout=None, quantize=None) -> Model:
         tokenizer = Tokenizer(tok_path) if os.path.isfile(tok_path) else None
     except ValueError as e:
         raise CheckpointError(str(e)) from None
-    return Model(config, params, tokenizer)
+    return Model(config, params, tokenizer, read_generation_config(path, config.vocab_size))

@@ -140,8 +140,8 @@ def math_documents(n: int, seed: int) -> Iterator[str]:
 def build_corpus(out: str, *, tokenizer: Tokenizer | None = None, stdlib: str | None = None,
                  val_percent: float = 5.0, math_docs: int = 1000, seed: int = 0,
                  packages: tuple[str, ...] = (), max_package_tokens: int | None = None) -> dict:
-    """Build the corpus into folder `out` (created; an existing complete corpus is left alone when
-    it was built with the same recipe, else ValueError).
+    """Build the corpus into folder `out` (created; an existing complete corpus is left alone and
+    returned, unless `packages` are asked for and it was built from others: ValueError).
 
     Args:
       out: output folder.
@@ -164,8 +164,9 @@ def build_corpus(out: str, *, tokenizer: Tokenizer | None = None, stdlib: str | 
         recipe |= {"packages": list(packages), "max_package_tokens": max_package_tokens}
     if os.path.isfile(os.path.join(out, MANIFEST)):
         manifest = read_corpus_manifest(out)
-        if manifest["recipe"] != json.loads(json.dumps(recipe)):
-            raise ValueError(f"{out}: holds a corpus built with another recipe; use a new folder")
+        built = [manifest["recipe"].get(k) for k in ("packages", "max_package_tokens")]
+        if packages and built != [list(packages), max_package_tokens]:
+            raise ValueError(f"{out}: holds a corpus built from other packages; use a new folder")
         return manifest
     streams: dict[tuple[str, str], list[int]] = {(s, d): [] for s in SPLITS for d in DOMAINS}
 

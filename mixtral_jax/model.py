@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .config import MixtralConfig
+from .generation_config import sampling_defaults
 from .layers import apply_rope, attention_mask, grouped_attention, rms_norm, rope_angles
 from .moe import DEFAULT_GROUP_SIZE, STRATEGIES, is_split, moe
 from .quant import dequantize, take_expert
@@ -329,10 +330,17 @@ def shard_params(config: MixtralConfig, params, mesh):
 
 @dataclasses.dataclass
 class Model:
-    """A loaded model: config, parameters and (optionally) its tokenizer."""
+    """A loaded model: config, parameters, (optionally) its tokenizer, and the generation defaults
+    its checkpoint carries (`generation_config.json`, validated; {} when none)."""
     config: MixtralConfig
     params: Any
     tokenizer: Any = None
+    generation_config: dict = dataclasses.field(default_factory=dict)
 
     def __call__(self, tokens, **kwargs):
         return forward(self.config, self.params, tokens, **kwargs)
+
+    def generation_config_kwargs(self) -> dict:
+        """The checkpoint's generation defaults as `generate` keyword arguments:
+        `mj.generate(model, prompts, **model.generation_config_kwargs())`."""
+        return sampling_defaults(self.generation_config)

@@ -77,15 +77,30 @@ def test_windowed_score_keeps_half_a_window_of_context(ckpt):
     assert abs(score_tokens(ours, ids[:60], window=64)["nll"] / hf_nll(model, ids[:60]).mean() - 1) <= 1e-4
 
 
-def test_generate_prompt_and_stream_agree(ckpt):
+def test_no_echo_prints_the_continuation_alone(ckpt):
+    """--no-echo is round 1's output: the new tokens decoded on their own, streamed or not."""
     _, path = ckpt
-    out = cli("generate", "--checkpoint", path, "--prompt", "def fibonacci(n):", "--max-new-tokens", 12).stdout
-    streamed = cli("generate", "--checkpoint", path, "--prompt", "def fibonacci(n):", "--max-new-tokens", 12,
-                   "--stream").stdout
+    base = ["generate", "--checkpoint", path, "--prompt", "def fibonacci(n):", "--max-new-tokens", 12, "--no-echo"]
+    out, streamed = cli(*base).stdout, cli(*base, "--stream").stdout
     model = mj.load(path)
     tok = mj.Tokenizer()
     ids = mj.generate(model, [tok.encode("def fibonacci(n):")], max_new_tokens=12)[0]
     assert out == streamed == tok.decode(ids) + "\n"
+
+
+@pytest.mark.parametrize("prompt", ["def fibonacci(n):", "Ça va? 🙂 x", "x ="])
+def test_generate_prints_the_prompt_and_its_continuation_in_context(ckpt, prompt):
+    _, path = ckpt
+    model, tok = mj.load(path), mj.Tokenizer()
+    ids = tok.encode(prompt)
+    new = mj.generate(model, [ids], max_new_tokens=16)[0]
+    base = ["generate", "--checkpoint", path, "--prompt", prompt, "--max-new-tokens", 16]
+    out, streamed = cli(*base).stdout, cli(*base, "--stream").stdout
+    assert out == streamed == tok.decode(ids + new) + "\n"
+    assert out.startswith(prompt)
+    record = json.loads(cli(*base, "--json").stdout)
+    assert record == {"prompt": prompt, "text": tok.decode(ids + new)[len(tok.decode(ids)):], "tokens": new,
+                      "finish_reason": "length"}
 
 
 def test_generate_chat_flag_uses_the_inst_template(ckpt):
@@ -153,7 +168,71 @@ def test_usage_errors(args, message):
 def test_generate_uses_the_built_in_demo_model():
     """The README's first command: no --checkpoint means the demo model shipped in the package."""
     out = cli("generate", "--prompt", "def fibonacci(n):", "--max-new-tokens", 24).stdout
-    assert out.strip()  # the continuation (the prompt is not repeated)
+    assert out.startswith("def fibonacci(n):") and len(out) > len("def fibonacci(n):\n")
+
+
+# ---- generation_config.json: checkpoint defaults under explicit flags ----
+
+def with_generation_config(path, tmp_path, config) -> str:
+    """A copy of the HF folder `path` with `config` as its generation_config.json (str: written as is)."""
+    import shutil
+
+    dst = tmp_path / "with_gc"
+    shutil.copytree(path, dst)
+    (dst / "generation_config.json").write_text(config if isinstance(config, str) else json.dumps(config))
+    return str(dst)
+
+
+GC = {"do_sample": True, "temperature": 0.9, "top_k": 30, "repetition_penalty": 1.3, "max_new_tokens": 9,
+      "bos_token_id": 1, "transformers_version": "5.0"}
+
+
+def test_generation_config_gives_cli_defaults_and_flags_win(ckpt, tmp_path):
+    _, path = ckpt
+    folder = with_generation_config(path, tmp_path, GC)
+    model, tok = mj.load(folder), mj.Tokenizer()
+    assert model.generation_config == {k: v for k, v in GC.items() if k not in ("bos_token_id", "transformers_version")}
+    ids = tok.encode("Hello there")
+    sampled = mj.generate(model, [ids], max_new_tokens=9, temperature=0.9, top_k=30, repetition_penalty=1.3)[0]
+    assert mj.generate(model, [ids], **model.generation_config_kwargs())[0] == sampled
+    greedy = mj.generate(model, [ids], max_new_tokens=9)[0]          # the Python API stays greedy
+    assert sampled != greedy and mj.generate(mj.load(path), [ids], max_new_tokens=9)[0] == greedy
+    base = ["generate", "--checkpoint", folder, "--prompt", "Hello there", "--json"]
+    assert json.loads(cli(*base).stdout)["tokens"] == sampled
+    flagged = json.loads(cli(*base, "--temperature", "0", "--max-new-tokens", "5").stdout)["tokens"]
+    assert flagged == mj.generate(model, [ids], max_new_tokens=5, repetition_penalty=1.3)[0]
+    assert json.loads(cli(*base, "--repetition-penalty", "1", "--temperature", "0").stdout)["tokens"] == greedy
+    src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"                 # batch mode too
+    src.write_text('{"prompt": "Hello there"}\n{"prompt": "Hello there", "temperature": 0}\n')
+    cli("generate", "--checkpoint", folder, "--input", src, "--output", dst)
+    penalised_greedy = mj.generate(model, [ids], max_new_tokens=9, repetition_penalty=1.3)[0]
+    assert [json.loads(x)["tokens"] for x in dst.read_text().splitlines()] == [sampled, penalised_greedy]
+
+
+def test_generation_config_greedy_unless_do_sample_and_eos_stops(ckpt, tmp_path):
+    _, path = ckpt
+    model, tok = mj.load(path), mj.Tokenizer()
+    ids = tok.encode("Once upon")
+    free = mj.generate(model, [ids], max_new_tokens=12, stop_tokens=[])[0]
+    stop = free[3]
+    folder = with_generation_config(path, tmp_path, {"temperature": 1.7, "top_p": 0.5, "eos_token_id": [stop, 2]})
+    record = json.loads(cli("generate", "--checkpoint", folder, "--prompt", "Once upon", "--max-new-tokens", 12,
+                            "--json").stdout)
+    assert record["tokens"] == free[:free.index(stop) + 1] and record["finish_reason"] == "stop"
+    assert mj.load(folder).generation_config_kwargs() == {"temperature": 0.0, "stop_tokens": [stop, 2]}
+
+
+@pytest.mark.parametrize("content, message", [
+    ("{not json", "invalid JSON"), ({"temperature": "hot"}, "temperature"), ({"top_p": 0}, "top_p"),
+    ({"max_new_tokens": 0}, "max_new_tokens"), ({"eos_token_id": 40000}, "eos_token_id"),
+    ({"do_sample": "yes"}, "do_sample"), ({"presence_penalty": 3}, "presence_penalty"), ("[1, 2]", "object"),
+])
+def test_malformed_generation_config_exits_2_naming_file_and_key(ckpt, tmp_path, content, message):
+    _, path = ckpt
+    folder = with_generation_config(path, tmp_path, content)
+    proc = cli("generate", "--checkpoint", folder, "--prompt", "hi", rc=2)
+    assert message in proc.stderr and "generation_config.json" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
 
 
 @pytest.mark.slow

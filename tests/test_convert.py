@@ -208,6 +208,27 @@ def test_tokenizer_travels_with_the_checkpoint(hf, tmp_path):
     assert (tmp_path / "mis" / "tokenizer.model").exists()
 
 
+def test_generation_config_travels_with_the_checkpoint(hf, tmp_path):
+    """convert copies generation_config.json (as it is, validated), load reads it, export hf writes it."""
+    _, src = hf
+    with_gc = tmp_path / "with_gc"
+    shutil.copytree(src, with_gc)
+    text = json.dumps({"do_sample": True, "temperature": 0.6, "top_p": 0.9, "eos_token_id": 2, "bos_token_id": 1})
+    (with_gc / "generation_config.json").write_text(text)
+    run_cli("convert", with_gc, tmp_path / "ck")
+    assert (tmp_path / "ck" / "generation_config.json").read_text() == text
+    assert mj.load(tmp_path / "ck").generation_config == {"do_sample": True, "temperature": 0.6, "top_p": 0.9,
+                                                          "eos_token_id": [2]}
+    run_cli("export", tmp_path / "ck", tmp_path / "back", "--format", "hf")
+    assert (tmp_path / "back" / "generation_config.json").read_text() == text
+    run_cli("export", tmp_path / "ck", tmp_path / "mis", "--format", "mistral")
+    assert not (tmp_path / "mis" / "generation_config.json").exists()  # the Mistral format has none
+    (with_gc / "generation_config.json").write_text(json.dumps({"top_k": -3}))
+    proc = run_cli("convert", with_gc, tmp_path / "bad", check_rc=2)
+    assert "generation_config.json: top_k" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert not list(tmp_path.glob("bad*"))
+
+
 def test_info_text(hf):
     _, src = hf
     out = run_cli("info", src).stdout

@@ -80,6 +80,25 @@ def test_two_processes_form_one_mesh_and_generate_the_same_tokens(ckpt, tmp_path
     assert got == mj.generate(single, prompts, max_new_tokens=10)
 
 
+def test_two_process_stdout_equals_one_process_byte_for_byte():
+    """Gloo prints "[Gloo] Rank N is connected to ..." from C++ on descriptor 1: it must reach
+    stderr, not the results. Process 0 prints what a one-process run prints; process 1 nothing."""
+    args = [sys.executable, "-m", "mixtral_jax.cli", "generate", "--prompt", "def fibonacci(n):",
+            "--max-new-tokens", "12", "--mesh", "data=2,expert=4,tensor=1"]
+    port = free_port()
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    procs = [subprocess.Popen(args + ["--coordinator", f"localhost:{port}", "--num-processes", "2",
+                                      "--process-id", str(i)], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE) for i in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [o[1][-2000:] for o in outs]
+    single = subprocess.run(args, capture_output=True, timeout=600, check=True,
+                            env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")).stdout
+    one_device = subprocess.run(args[:-2], capture_output=True, timeout=600, check=True).stdout
+    assert outs[0][0] == single == one_device and single.startswith(b"def fibonacci(n):")
+    assert outs[1][0] == b""
+
+
 def test_make_mesh_validates():
     with pytest.raises(ValueError, match="needs 16 devices"):
         mj.make_mesh(data=2, expert=8)

@@ -234,8 +234,9 @@ def test_corpus_packages_add_training_code_without_held_out_copies(tmp_path, mon
     capped = build_corpus(str(tmp_path / "capped"), tokenizer=tok, stdlib=str(lib), val_percent=30, math_docs=5,
                           packages=("fakepkg",), max_package_tokens=1)
     assert len(capped["packages"]["fakepkg"]["files"]) == 1
-    with pytest.raises(ValueError, match="another recipe"):
-        build_corpus(str(tmp_path / "more"), tokenizer=tok, stdlib=str(lib), val_percent=30, math_docs=5)
+    with pytest.raises(ValueError, match="other packages"):
+        build_corpus(str(tmp_path / "more"), tokenizer=tok, stdlib=str(lib), packages=("fakepkg", "json"))
+    assert build_corpus(str(tmp_path / "more"), tokenizer=tok)["tokens"] == manifest["tokens"]  # as built
     with pytest.raises(ValueError, match="not installed"):
         build_corpus(str(tmp_path / "none"), tokenizer=tok, stdlib=str(lib), packages=("no_such_package_here",))
 

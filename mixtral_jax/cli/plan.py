@@ -1,0 +1,81 @@
+"""`plan` (per-device memory, nothing allocated) and `bench` (side-by-side speed against HF)."""
+
+from __future__ import annotations
+
+import json
+
+from .common import UsageError
+
+
+def cmd_plan(args) -> int:
+    import mixtral_jax as mj
+    from mixtral_jax.plan import parse_bytes, plan_memory
+    from mixtral_jax.sharding import parse_mesh
+
+    if (args.preset is None) == (args.checkpoint is None):
+        raise UsageError("give either --preset NAME or --checkpoint PATH")
+    if args.preset is not None:
+        config = mj.MixtralConfig.preset(args.preset)
+    else:
+        from mixtral_convert import info
+
+        config = mj.MixtralConfig.from_dict(info(args.checkpoint)["config"])
+    sizes = parse_mesh(args.mesh)
+    device_memory = parse_bytes(args.device_memory) if args.device_memory else None
+    p = plan_memory(config, sizes, dtype=args.dtype, batch=args.batch, max_seq_len=args.max_seq_len,
+                    prompt_len=args.prompt_len, quantize=args.quantize)
+    result = {"mesh": sizes, "devices": sizes["data"] * sizes["expert"] * sizes["tensor"], "dtype": args.dtype,
+              "quantize": args.quantize,
+              "batch": args.batch, "max_seq_len": args.max_seq_len or config.max_seq_len,
+              "per_device_bytes": p, "device_memory": device_memory,
+              "fits": None if device_memory is None else p["total"] <= device_memory}
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    gb = lambda n: f"{n / 1e9:8.2f} GB"  # noqa: E731
+    mesh_text = ",".join(f"{k}={v}" for k, v in sizes.items())
+    quant = " with int8 experts and attention" if args.quantize else ""
+    print(f"per-device memory, {args.dtype}{quant}, mesh {mesh_text} ({result['devices']} devices), batch "
+          f"{args.batch}, KV cache {result['max_seq_len']} tokens per row:")
+    for group, n in p["weights"].items():
+        print(f"  weights: {group:<14}{gb(n)}")
+    print(f"  weights total         {gb(p['weights_total'])}")
+    print(f"  KV cache              {gb(p['kv_cache'])}")
+    print(f"  activations (peak)    {gb(p['activations'])}")
+    print(f"  total                 {gb(p['total'])}")
+    if device_memory is not None:
+        verdict = "fits" if result["fits"] else "does NOT fit"
+        print(f"{verdict} in {device_memory / 1e9:.2f} GB per device")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from mixtral_jax import bench
+
+    if args.runs < 1:
+        raise UsageError(f"--runs must be >= 1, got {args.runs}")
+    report = bench.run(args.config, runs=args.runs, with_hf=not args.no_hf)
+    print(json.dumps(report, indent=2) if args.json else bench.format_report(report))
+    return 0
+
+
+def add_parsers(sub) -> None:
+    plan = sub.add_parser("plan", help="per-device memory of a model on a mesh (nothing is allocated)")
+    plan.add_argument("--preset", help="mixtral-8x7b, mixtral-8x22b, small or tiny")
+    plan.add_argument("--checkpoint", help="plan for a checkpoint's config instead of a preset")
+    plan.add_argument("--mesh", default="data=1,expert=1,tensor=1", help="e.g. data=1,expert=8,tensor=1")
+    plan.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="bfloat16")
+    plan.add_argument("--batch", type=int, default=1)
+    plan.add_argument("--max-seq-len", type=int, help="KV cache tokens per row (default: the context)")
+    plan.add_argument("--prompt-len", type=int, default=512, help="prefill length for the activation estimate")
+    plan.add_argument("--device-memory", help="e.g. 16GB: say whether the plan fits")
+    plan.add_argument("--quantize", choices=["int8"], help="int8 expert and attention weights")
+    plan.add_argument("--json", action="store_true")
+    plan.set_defaults(func=cmd_plan)
+
+    bench = sub.add_parser("bench", help="side-by-side speed against HF transformers (float32, CPU)")
+    bench.add_argument("--config", choices=["small", "tiny"], default="small")
+    bench.add_argument("--runs", type=int, default=5, help="timed runs per figure (median)")
+    bench.add_argument("--no-hf", action="store_true", help="skip the HF transformers side")
+    bench.add_argument("--json", action="store_true")
+    bench.set_defaults(func=cmd_bench)
