@@ -35,7 +35,8 @@ import numpy as np
 
 from .config import MixtralConfig
 from .generation_config import sampling_defaults
-from .layers import apply_rope, attention_mask, grouped_attention, rms_norm, rope_angles
+from . import attention as attention_lib
+from .layers import apply_rope, rms_norm, rope_angles
 from .moe import DEFAULT_GROUP_SIZE, STRATEGIES, is_split, moe
 from .quant import dequantize, take_expert
 from .sharding import constrain, mesh_of, sharding_for
@@ -200,7 +201,8 @@ def _check_inputs(config, tokens, lengths, cache):
 
 def forward(config: MixtralConfig, params, tokens, *, lengths=None, cache=None,
             return_router_logits: bool = False, moe_strategy: str = "auto",
-            capacity_factor: float | None = None, group_size: int = DEFAULT_GROUP_SIZE):
+            capacity_factor: float | None = None, group_size: int = DEFAULT_GROUP_SIZE,
+            attention: str = "auto"):
     """Run the decoder.
 
     Args:
@@ -216,6 +218,8 @@ def forward(config: MixtralConfig, params, tokens, *, lengths=None, cache=None,
       capacity_factor: einsum only; None (default) never drops a token. When tokens are dropped
         a warning is logged with the count.
       group_size: einsum routing-group bound.
+      attention: "auto", "materialized", "blockwise", "cudnn" or "splash" (see
+        `mixtral_jax.attention`; all compute the same function).
     Parameters placed on a mesh (`load(..., mesh=)` or `shard_params`) run sharded: the mesh is
     read from the parameters, and activations are constrained by their logical axes.
     Returns:
@@ -227,10 +231,11 @@ def forward(config: MixtralConfig, params, tokens, *, lengths=None, cache=None,
     _check_inputs(config, tokens, lengths, cache)
     if moe_strategy not in STRATEGIES:
         raise ValueError(f"unknown MoE strategy {moe_strategy!r}; choose from {', '.join(STRATEGIES)}")
+    attention_lib.choose(attention)  # an unknown name fails here, before tracing
     logits, new_cache, router_logits, dropped = _forward_jit(
         config, params, jnp.asarray(tokens, jnp.int32), lengths, cache,
         moe_strategy=moe_strategy, capacity_factor=capacity_factor, group_size=group_size,
-        mesh=mesh_of(params))
+        mesh=mesh_of(params), attention=attention)
     if capacity_factor is not None:
         jax.debug.callback(_report_dropped, dropped, capacity_factor)
     out = (logits,) if cache is None else (logits, new_cache)
@@ -246,7 +251,7 @@ def _report_dropped(dropped, capacity_factor):
 
 
 def decoder(config: MixtralConfig, params, tokens, lengths, cache, *, moe_strategy="auto",
-            capacity_factor=None, group_size=DEFAULT_GROUP_SIZE, mesh=None):
+            capacity_factor=None, group_size=DEFAULT_GROUP_SIZE, mesh=None, attention="auto"):
     """The traced body of `forward` without the output projection.
 
     Returns:
@@ -257,16 +262,11 @@ def decoder(config: MixtralConfig, params, tokens, lengths, cache, *, moe_strate
     offset = jnp.zeros((b,), jnp.int32) if cache is None else cache["lengths"]
     q_pos = offset[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]             # [B, T]
     q_valid = jnp.arange(t)[None, :] < new_len[:, None]                            # [B, T]
-    if cache is None:
-        k_pos = jnp.arange(t, dtype=jnp.int32)
-        k_valid = q_valid
-    else:
-        slots = cache[layer_name(0)]["k"].shape[1]
-        k_pos = jnp.arange(slots, dtype=jnp.int32)
-        k_valid = k_pos[None, :] < (offset + new_len)[:, None]                     # [B, S]
+    kv_len = offset + new_len                                                      # [B] filled slots
+    if cache is not None:
         # Padding tokens are written to slot S, which the scatter drops.
-        write_pos = jnp.where(q_valid, q_pos, slots)
-    mask = attention_mask(q_pos, k_pos, k_valid, config.sliding_window)           # [B, T, S]
+        write_pos = jnp.where(q_valid, q_pos, cache[layer_name(0)]["k"].shape[1])
+    impl = attention_lib.choose(attention)
     cos, sin = rope_angles(q_pos, config.head_dim, config.rope_theta)
 
     act = ("batch", "sequence", "embed")
@@ -289,7 +289,8 @@ def decoder(config: MixtralConfig, params, tokens, lengths, cache, *, moe_strate
             v = c["v"].at[rows, write_pos].set(v.astype(c["v"].dtype), mode="drop")
             k, v = constrain(k, kv_axes, mesh), constrain(v, kv_axes, mesh)
             new_cache[layer_name(i)] = {"k": k, "v": v}
-        attn = grouped_attention(q, k, v, mask)                                    # [B, T, N, H]
+        attn = attention_lib.attend(impl, q, k, v, q_pos, kv_len,
+                                    sliding_window=config.sliding_window)          # [B, T, N, H]
         # [B, T, N*H] @ [N*H, D]: XLA's CPU dot contracting (n, h) directly runs ~13x slower
         o = jnp.einsum("btk,kd->btd", attn.reshape(b, t, -1), wo.reshape(-1, wo.shape[-1]))
         x = constrain(x + o, act, mesh)
@@ -319,7 +320,7 @@ def _forward_all(config, params, tokens, lengths, cache, **kwargs):
 
 
 _forward_jit = jax.jit(_forward_all,
-                       static_argnames=("moe_strategy", "capacity_factor", "group_size", "mesh"))
+                       static_argnames=("moe_strategy", "capacity_factor", "group_size", "mesh", "attention"))
 
 
 def shard_params(config: MixtralConfig, params, mesh):

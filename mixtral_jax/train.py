@@ -137,7 +137,8 @@ def loss_fn(params, config: MixtralConfig, tc: TrainConfig, tokens: jax.Array, l
     pos = jnp.arange(t)[None, :]
     in_mask = pos < in_len[:, None]                                                # [B, T]
     tgt_mask = (pos + 1 < lengths[:, None]).astype(jnp.float32)                    # [B, T]
-    hidden, _, router_logits, _ = decoder(config, params, inputs, in_len, None,
+    # The materialised attention: differentiable, and at training lengths as fast as any.
+    hidden, _, router_logits, _ = decoder(config, params, inputs, in_len, None, attention="materialized",
                                           moe_strategy=tc.moe_strategy or train_moe_strategy())
     logits = lm_head(params, hidden.reshape(-1, hidden.shape[-1]))                 # [B*T, V]
     ce_all = optax.softmax_cross_entropy_with_integer_labels(logits, targets.reshape(-1))  # [B*T]
