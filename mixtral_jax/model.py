@@ -25,6 +25,7 @@ matrices in [out, in] orientation (`split_experts`); `forward` and `generate` ac
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 from typing import Any, NamedTuple
@@ -202,7 +203,7 @@ def _check_inputs(config, tokens, lengths, cache):
 def forward(config: MixtralConfig, params, tokens, *, lengths=None, cache=None,
             return_router_logits: bool = False, moe_strategy: str = "auto",
             capacity_factor: float | None = None, group_size: int = DEFAULT_GROUP_SIZE,
-            attention: str = "auto"):
+            attention: str = "auto", prefill_chunk: int | None = None):
     """Run the decoder.
 
     Args:
@@ -220,6 +221,10 @@ def forward(config: MixtralConfig, params, tokens, *, lengths=None, cache=None,
       group_size: einsum routing-group bound.
       attention: "auto", "materialized", "blockwise", "cudnn" or "splash" (see
         `mixtral_jax.attention`; all compute the same function).
+      prefill_chunk: when T is longer, run the tokens through in chunks of this many, each against
+        the cache the previous ones filled (one compiled program for every chunk), so the largest
+        activation is one chunk's; without a cache, a temporary one of T slots is used. None or 0:
+        all T at once.
     Parameters placed on a mesh (`load(..., mesh=)` or `shard_params`) run sharded: the mesh is
     read from the parameters, and activations are constrained by their logical axes.
     Returns:
@@ -232,16 +237,46 @@ def forward(config: MixtralConfig, params, tokens, *, lengths=None, cache=None,
     if moe_strategy not in STRATEGIES:
         raise ValueError(f"unknown MoE strategy {moe_strategy!r}; choose from {', '.join(STRATEGIES)}")
     attention_lib.choose(attention)  # an unknown name fails here, before tracing
-    logits, new_cache, router_logits, dropped = _forward_jit(
-        config, params, jnp.asarray(tokens, jnp.int32), lengths, cache,
-        moe_strategy=moe_strategy, capacity_factor=capacity_factor, group_size=group_size,
-        mesh=mesh_of(params), attention=attention)
+    check_prefill_chunk(prefill_chunk)
+    run = functools.partial(_forward_jit, config, params, moe_strategy=moe_strategy,
+                            capacity_factor=capacity_factor, group_size=group_size, mesh=mesh_of(params),
+                            attention=attention)
+    tokens = jnp.asarray(tokens, jnp.int32)
+    if prefill_chunk and tokens.shape[1] > prefill_chunk:
+        logits, new_cache, router_logits, dropped = _in_chunks(config, params, run, tokens, lengths, cache,
+                                                               int(prefill_chunk))
+    else:
+        logits, new_cache, router_logits, dropped = run(tokens, lengths, cache)
     if capacity_factor is not None:
         jax.debug.callback(_report_dropped, dropped, capacity_factor)
     out = (logits,) if cache is None else (logits, new_cache)
     if return_router_logits:
         out += (router_logits,)
     return out[0] if len(out) == 1 else out
+
+
+def check_prefill_chunk(value) -> None:
+    """ValueError unless `value` is None or an integer >= 0 (0 and None: no chunking)."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0):
+        raise ValueError(f"prefill_chunk must be None or an integer >= 0 (0: no chunking), got {value!r}")
+
+
+def _in_chunks(config, params, run, tokens, lengths, cache, chunk: int):
+    """`run` (the jitted forward) over chunks of `chunk` tokens, the last one padded; outputs joined."""
+    b, t = tokens.shape
+    lengths = jnp.full((b,), t, jnp.int32) if lengths is None else lengths
+    if cache is None:  # positions past max_seq_len are allowed without a cache, as unchunked
+        work = init_cache(config.replace(max_seq_len=max(t, config.max_seq_len)), b, t, dtype=params["embed"].dtype)
+    else:
+        work = cache
+    outs = []
+    for start in range(0, t, chunk):
+        part = jnp.pad(tokens[:, start:start + chunk], ((0, 0), (0, max(0, start + chunk - t))))
+        logits, work, router_logits, dropped = run(part, jnp.clip(lengths - start, 0, chunk), work)
+        outs.append((logits, router_logits, dropped))
+    logits = jnp.concatenate([o[0] for o in outs], axis=1)[:, :t]
+    router_logits = jnp.concatenate([o[1] for o in outs], axis=2)[:, :, :t]
+    return logits, None if cache is None else work, router_logits, sum(o[2] for o in outs)
 
 
 def _report_dropped(dropped, capacity_factor):

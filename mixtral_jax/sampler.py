@@ -21,11 +21,23 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .model import Model, decoder, init_cache, lm_head
+from . import attention as attention_lib
+from .model import Model, check_prefill_chunk, decoder, init_cache, lm_head
 from .sharding import constrain, mesh_of
 
 MIN_BUCKET = 16
 DEFAULT_EOS = 2  # Mixtral's </s>, for models without a tokenizer
+DEFAULT_PREFILL_CHUNK = 1024  # BENCHMARKS.md: long-prompt prefill time and memory against chunk size
+
+
+@dataclasses.dataclass(frozen=True)
+class Static:
+    """What the jitted programs are specialised on (hashable; a static argument)."""
+    cache_len: int                  # KV cache slots
+    out_len: int                    # generated-token buffer width
+    prefill_chunk: int | None       # prompt tokens per prefill step; None: the whole prompt at once
+    attention: str                  # mixtral_jax.attention implementation
+    mesh: Any = None                # the parameters' mesh
 
 
 @flax.struct.dataclass
@@ -151,21 +163,44 @@ def _choose(state: DecodeState, logits, p, seeds, stop, max_new, mesh) -> Decode
         logprobs=rows(state.logprobs.at[:, col].set(jnp.where(live, logprob, 0.0))))
 
 
-def prefill(config, params, tokens, lengths, p, seeds, stop, max_new, *, cache_len: int,
-            out_len: int, mesh=None) -> DecodeState:
+def prefill_cache(config, params, tokens, lengths, cache, *, chunk: int | None, attention: str, mesh=None):
+    """Write the prompts into `cache`; return (hidden state at each row's last prompt token [B, D],
+    cache). Prompts longer than `chunk` go through in chunks of `chunk` tokens (a loop with one
+    compiled body), so the largest activation is one chunk's."""
+    b, t = tokens.shape
+    if not chunk or t <= chunk:
+        hidden, cache, _, _ = decoder(config, params, tokens, lengths, cache, mesh=mesh, attention=attention)
+        return jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)[:, 0], cache
+    n_chunks = -(-t // chunk)
+    tokens = jnp.pad(tokens, ((0, 0), (0, n_chunks * chunk - t)))
+
+    def one_chunk(c, carry):
+        cache, last = carry
+        part = jax.lax.dynamic_slice_in_dim(tokens, c * chunk, chunk, axis=1)       # [B, chunk]
+        valid = jnp.clip(lengths - c * chunk, 0, chunk)                             # [B]
+        hidden, cache, _, _ = decoder(config, params, part, valid, cache, mesh=mesh, attention=attention)
+        here = jnp.take_along_axis(hidden, jnp.maximum(valid - 1, 0)[:, None, None], axis=1)[:, 0]
+        return cache, jnp.where(((lengths - 1) // chunk == c)[:, None], here, last)
+
+    last = jnp.zeros((b, config.d_model), params["embed"].dtype)
+    cache, last = jax.lax.fori_loop(0, n_chunks, one_chunk, (cache, last))
+    return last, cache
+
+
+def prefill(config, params, tokens, lengths, p, seeds, stop, max_new, *, static: Static) -> DecodeState:
     """Run the prompts through the model and choose each row's first new token.
 
     Args:
       tokens: [B, T] right-padded prompts; lengths: [B] their lengths.
       p: SamplingParams; seeds: [B] uint32; stop: [n] stop tokens (-1 pads); max_new: [B].
-      cache_len: KV cache slots (static); out_len: generated-token buffer width (static).
-      mesh: the parameters' mesh (static), or None.
+      static: cache and buffer sizes, prefill chunk, attention, mesh.
     """
     b, t = tokens.shape
     vocab = config.vocab_size
-    cache = init_cache(config, b, cache_len, dtype=params["embed"].dtype)
-    hidden, cache, _, _ = decoder(config, params, tokens, lengths, cache, mesh=mesh)
-    last_hidden = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)[:, 0]  # [B, D]
+    mesh, out_len = static.mesh, static.out_len
+    cache = init_cache(config, b, static.cache_len, dtype=params["embed"].dtype)
+    last_hidden, cache = prefill_cache(config, params, tokens, lengths, cache, chunk=static.prefill_chunk,
+                                       attention=static.attention, mesh=mesh)  # [B, D]
     prompt_ids = jnp.where(jnp.arange(t)[None, :] < lengths[:, None], tokens, vocab)   # padding -> dropped
     in_prompt = jnp.zeros((b, vocab), bool).at[jnp.arange(b)[:, None], prompt_ids].set(True, mode="drop")
     state = DecodeState(cache=cache, last=jnp.zeros((b,), jnp.int32), step=jnp.zeros((), jnp.int32),
@@ -176,24 +211,24 @@ def prefill(config, params, tokens, lengths, p, seeds, stop, max_new, *, cache_l
     return _choose(state, lm_head(params, last_hidden), p, seeds, stop, max_new, mesh)
 
 
-def decode_step(config, params, state: DecodeState, p, seeds, stop, max_new, mesh=None) -> DecodeState:
+def decode_step(config, params, state: DecodeState, p, seeds, stop, max_new, *, static: Static) -> DecodeState:
     """Feed each row's last token and choose the next one."""
-    hidden, cache, _, _ = decoder(config, params, state.last[:, None], None, state.cache, mesh=mesh)
+    hidden, cache, _, _ = decoder(config, params, state.last[:, None], None, state.cache, mesh=static.mesh,
+                                  attention=static.attention)
     return _choose(state.replace(cache=cache), lm_head(params, hidden[:, 0]), p, seeds, stop, max_new,
-                   mesh)
+                   static.mesh)
 
 
-def _generate(config, params, tokens, lengths, p, seeds, stop, max_new, *, cache_len, out_len, mesh):
-    state = prefill(config, params, tokens, lengths, p, seeds, stop, max_new,
-                    cache_len=cache_len, out_len=out_len, mesh=mesh)
+def _generate(config, params, tokens, lengths, p, seeds, stop, max_new, *, static: Static):
+    state = prefill(config, params, tokens, lengths, p, seeds, stop, max_new, static=static)
     return jax.lax.while_loop(
         lambda s: ~jnp.all(s.done),
-        lambda s: decode_step(config, params, s, p, seeds, stop, max_new, mesh), state)
+        lambda s: decode_step(config, params, s, p, seeds, stop, max_new, static=static), state)
 
 
-_generate_jit = jax.jit(_generate, static_argnames=("cache_len", "out_len", "mesh"))
-_prefill_jit = jax.jit(prefill, static_argnames=("cache_len", "out_len", "mesh"))
-_step_jit = jax.jit(decode_step, donate_argnames=("state",), static_argnames=("mesh",))
+_generate_jit = jax.jit(_generate, static_argnames=("static",))
+_prefill_jit = jax.jit(prefill, static_argnames=("static",))
+_step_jit = jax.jit(decode_step, donate_argnames=("state",), static_argnames=("static",))
 
 
 def compiled_programs() -> int:
@@ -210,8 +245,7 @@ class _Batch:
     seeds: np.ndarray
     stop: np.ndarray
     max_new: np.ndarray
-    cache_len: int
-    out_len: int
+    static: Static
 
 
 def _per_row(name: str, value, n: int, dtype) -> np.ndarray:
@@ -227,9 +261,11 @@ def _per_row(name: str, value, n: int, dtype) -> np.ndarray:
 
 def prepare(model: Model, prompts, *, max_new_tokens, temperature=0.0, top_k=0, top_p=1.0, min_p=0.0,
             repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0, stop_tokens=None,
-            seed=0) -> _Batch:
+            seed=0, prefill_chunk=DEFAULT_PREFILL_CHUNK, attention="auto") -> _Batch:
     """Validate everything on the host (ValueError naming the value) and build padded arrays."""
     config = model.config
+    attention_lib.choose(attention)
+    check_prefill_chunk(prefill_chunk)
     if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence) or not prompts:
         raise ValueError("prompts must be a non-empty list of strings or of token-id lists")
     ids = []
@@ -284,9 +320,11 @@ def prepare(model: Model, prompts, *, max_new_tokens, temperature=0.0, top_k=0, 
     for b, p in enumerate(ids):
         tokens[b, :len(p)] = p
     out_len = bucket(int(max_new.max()))
-    cache_len = min(t + out_len, config.max_seq_len)
+    static = Static(cache_len=min(t + out_len, config.max_seq_len), out_len=out_len,
+                    prefill_chunk=int(prefill_chunk) if prefill_chunk and prefill_chunk < t else None,
+                    attention=attention, mesh=mesh_of(model.params))
     params = SamplingParams(temperature, top_k, top_p, min_p, rep_pen, presence, frequency)
-    return _Batch(tokens, lengths, params, seeds.astype(np.uint32), stop, max_new, cache_len, out_len)
+    return _Batch(tokens, lengths, params, seeds.astype(np.uint32), stop, max_new, static)
 
 
 def _rows(state: DecodeState, logprobs: bool):
@@ -299,7 +337,7 @@ def _rows(state: DecodeState, logprobs: bool):
 
 def generate(model: Model, prompts, *, max_new_tokens, temperature=0.0, top_k=0, top_p=1.0, min_p=0.0,
              repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0, stop_tokens=None,
-             seed=0, logprobs: bool = False):
+             seed=0, logprobs: bool = False, prefill_chunk=DEFAULT_PREFILL_CHUNK, attention="auto"):
     """Generate continuations of a batch of prompts.
 
     Args:
@@ -313,6 +351,9 @@ def generate(model: Model, prompts, *, max_new_tokens, temperature=0.0, top_k=0,
       stop_tokens: token ids that end a row (included in its output); None for EOS.
       logprobs: also return each chosen token's log-probability under the raw logits (before
         penalties and filters).
+      prefill_chunk: prompt tokens per prefill step for prompts longer than it; None or 0 for the
+        whole prompt at once.
+      attention: "auto", "materialized", "blockwise", "cudnn" or "splash" (mixtral_jax.attention).
     Returns:
       Per prompt, its new token ids (ending at and including the first stop token); with
       `logprobs=True`, `(tokens, logprobs)`.
@@ -320,33 +361,27 @@ def generate(model: Model, prompts, *, max_new_tokens, temperature=0.0, top_k=0,
     b = prepare(model, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                 top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty,
                 presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
-                stop_tokens=stop_tokens, seed=seed)
+                stop_tokens=stop_tokens, seed=seed, prefill_chunk=prefill_chunk, attention=attention)
     state = _generate_jit(model.config, model.params, b.tokens, b.lengths, b.params, b.seeds, b.stop,
-                          b.max_new, cache_len=b.cache_len, out_len=b.out_len, mesh=mesh_of(model.params))
+                          b.max_new, static=b.static)
     return _rows(state, logprobs)
 
 
-def generate_stream(model: Model, prompts, *, max_new_tokens, temperature=0.0, top_k=0, top_p=1.0,
-                    min_p=0.0, repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0,
-                    stop_tokens=None, seed=0, logprobs: bool = False) -> Iterator[list]:
-    """Like `generate`, yielding after each step a list with each row's new token, or None for rows
-    that have already stopped (with `logprobs=True`, `(token, logprob)` pairs). Driven by the same
-    prefill and decode step as `generate`, with the cache donated between steps."""
-    b = prepare(model, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty,
-                presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
-                stop_tokens=stop_tokens, seed=seed)
+def generate_stream(model: Model, prompts, *, logprobs: bool = False, **kwargs) -> Iterator[list]:
+    """Like `generate` (the same keyword arguments), yielding after each step a list with each row's
+    new token, or None for rows that have already stopped (with `logprobs=True`, `(token, logprob)`
+    pairs). Driven by the same prefill and decode step as `generate`, with the cache donated between
+    steps. Invalid arguments raise ValueError on the first `next()`."""
+    b = prepare(model, prompts, **kwargs)
     args = (b.params, b.seeds, b.stop, b.max_new)
-    mesh = mesh_of(model.params)
-    state = _prefill_jit(model.config, model.params, b.tokens, b.lengths, *args,
-                         cache_len=b.cache_len, out_len=b.out_len, mesh=mesh)
+    state = _prefill_jit(model.config, model.params, b.tokens, b.lengths, *args, static=b.static)
     prev_done = np.zeros(len(b.lengths), bool)
     while True:
         last, done, step = np.asarray(state.last), np.asarray(state.done), int(state.step)
-        lp = np.asarray(state.logprobs[:, min(step - 1, b.out_len - 1)]) if logprobs else None
+        lp = np.asarray(state.logprobs[:, min(step - 1, b.static.out_len - 1)]) if logprobs else None
         yield [None if prev_done[r] else ((int(last[r]), float(lp[r])) if logprobs else int(last[r]))
                for r in range(len(last))]
         if done.all():
             return
         prev_done = done
-        state = _step_jit(model.config, model.params, state, *args, mesh=mesh)
+        state = _step_jit(model.config, model.params, state, *args, static=b.static)
