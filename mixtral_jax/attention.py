@@ -26,6 +26,7 @@ import logging
 import jax
 import jax.numpy as jnp
 
+from .kvcache import Quantized, dequantize
 from .layers import attention_mask, grouped_attention
 
 log = logging.getLogger(__name__)
@@ -44,7 +45,8 @@ def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Arr
 
     Args:
       q: [B, T, N, H] queries (RoPE applied).
-      k, v: [B, S, K, H] keys (RoPE applied) and values; slot s holds position s.
+      k, v: [B, S, K, H] keys (RoPE applied) and values; slot s holds position s. Either may be a
+        `kvcache.Quantized` int8 pair: each block is dequantised as it is read.
       q_pos: [B, T] int query positions.
       kv_len: [B] int filled slots per row (slots at or past it are hidden).
       sliding_window: hide keys this many positions back or further; None for no window.
@@ -54,7 +56,7 @@ def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Arr
       [B, T, N, H] in q's dtype.
     """
     b, t, n, h = q.shape
-    s, kv_heads = k.shape[1], k.shape[2]
+    s, kv_heads = _values(k).shape[1], _values(k).shape[2]
     g = n // kv_heads
     bq, bk = min(block_q, t), min(block_k, s)
     nq, nk = -(-t // bq), -(-s // bk)
@@ -64,8 +66,8 @@ def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Arr
         q = jnp.pad(q, ((0, 0), (0, nq * bq - t), (0, 0), (0, 0)))
         q_pos = jnp.pad(q_pos, ((0, 0), (0, nq * bq - t)), mode="edge")
     if nk * bk != s:  # padded slots lie past every row's kv_len
-        k = jnp.pad(k, ((0, 0), (0, nk * bk - s), (0, 0), (0, 0)))
-        v = jnp.pad(v, ((0, 0), (0, nk * bk - s), (0, 0), (0, 0)))
+        k, v = (jax.tree.map(lambda a: jnp.pad(a, [(0, 0), (0, nk * bk - s)] + [(0, 0)] * (a.ndim - 2)), x)
+                for x in (k, v))
     qb = q.reshape(b, nq, bq, kv_heads, g, h).transpose(1, 0, 3, 4, 2, 5)            # [nq, B, K, G, q, H]
     pb = q_pos.reshape(b, nq, bq).transpose(1, 0, 2)                                 # [nq, B, q]
     scale = h ** -0.5
@@ -87,8 +89,7 @@ def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Arr
             m, l, acc = carry
             # Blocks are sliced from the cache's own [B, S, K, H] layout and only they are made
             # heads-major: a decode step then reads the filled part of the cache, not all of it.
-            kj = jax.lax.dynamic_slice_in_dim(k, j * bk, bk, axis=1).transpose(0, 2, 1, 3)  # [B, K, s, H]
-            vj = jax.lax.dynamic_slice_in_dim(v, j * bk, bk, axis=1).transpose(0, 2, 1, 3)
+            kj, vj = (_block(x, j * bk, bk, q.dtype).transpose(0, 2, 1, 3) for x in (k, v))  # [B, K, s, H]
             scores = jnp.einsum("bkgqh,bksh->bkgqs", qi, kj,
                                 preferred_element_type=jnp.float32) * scale          # [B, K, G, q, s]
             slot = j * bk + jnp.arange(bk, dtype=jnp.int32)
@@ -99,7 +100,7 @@ def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Arr
             m_new = jnp.maximum(m, jnp.max(scores, axis=-1))                          # [B, K, G, q]
             p = jnp.exp(scores - m_new[..., None])
             c = jnp.exp(m - m_new)
-            acc = acc * c[..., None] + jnp.einsum("bkgqs,bksh->bkgqh", p.astype(v.dtype), vj,
+            acc = acc * c[..., None] + jnp.einsum("bkgqs,bksh->bkgqh", p.astype(vj.dtype), vj,
                                                   preferred_element_type=jnp.float32)  # [B, K, G, q, H]
             return m_new, l * c + jnp.sum(p, axis=-1), acc
 
@@ -114,8 +115,19 @@ def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Arr
     return out.transpose(1, 0, 4, 2, 3, 5).reshape(b, nq * bq, n, h)[:, :t]
 
 
+def _values(x):
+    return x.values if isinstance(x, Quantized) else x
+
+
+def _block(x, start, size: int, dtype) -> jax.Array:
+    """Slots [start, start + size) of a [B, S, K, H] cache (a Quantized one dequantised) as `dtype`."""
+    part = jax.tree.map(lambda a: jax.lax.dynamic_slice_in_dim(a, start, size, axis=1), x)
+    return dequantize(part, dtype) if isinstance(x, Quantized) else part
+
+
 def materialized_attention(q, k, v, q_pos, kv_len, *, sliding_window=None) -> jax.Array:
     """The oracle: scores [B, K, G, T, S] materialised, same mask semantics. Shapes as `blockwise_attention`."""
+    k, v = (dequantize(x, q.dtype) if isinstance(x, Quantized) else x for x in (k, v))
     slots = jnp.arange(k.shape[1], dtype=jnp.int32)
     mask = attention_mask(q_pos, slots, slots[None, :] < kv_len[:, None], sliding_window)   # [B, T, S]
     return grouped_attention(q, k, v, mask)

@@ -18,8 +18,9 @@ Parameter layout (canonical; what `init_params` returns and checkpoints hold), x
 A layer's leaves sit flat in one dict `params["layers_{i}"]`; a layer may also hold an optional
 `router_bias` [E] (a routing intervention, `mixtral_jax.routing.intervene`; never in checkpoints).
 `load` returns, on CPU, the split layout instead: each expert weight a tuple of E per-expert
-matrices in [out, in] orientation (`split_experts`); `forward` and `generate` accept both. The KV cache is
-`{"lengths": [B] int32, "layers_{i}": {"k": [B, S, K, H], "v": [B, S, K, H]}}`.
+matrices in [out, in] orientation (`split_experts`); `forward` and `generate` accept both. The KV cache
+(`init_cache`) is `{"lengths": [B] int32, "layers_{i}": {"k": [B, S, K, H], "v": [B, S, K, H]}}`, or
+int8 with scales (mixtral_jax.kvcache).
 """
 
 from __future__ import annotations
@@ -34,9 +35,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from . import attention as attention_lib
+from . import kvcache
 from .config import MixtralConfig
 from .generation_config import sampling_defaults
-from . import attention as attention_lib
+from .kvcache import init_cache, layer_name
 from .layers import apply_rope, rms_norm, rope_angles
 from .moe import DEFAULT_GROUP_SIZE, STRATEGIES, is_split, moe
 from .quant import dequantize, take_expert
@@ -53,10 +56,6 @@ INIT_STD = 0.02  # HF's initializer_range
 class ParamSpec(NamedTuple):
     shape: tuple[int, ...]
     axes: tuple[str, ...]  # logical axis names, mapped to mesh axes in sharding.py
-
-
-def layer_name(i: int) -> str:
-    return f"layers_{i}"
 
 
 def param_specs(config: MixtralConfig) -> dict[str, Any]:
@@ -142,29 +141,6 @@ def default_layout(mesh=None) -> str:
 def default_dtype():
     """float32 on CPU (the only fast dtype there, DESIGN.md §2), bfloat16 on GPU/TPU."""
     return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
-
-
-def init_cache(config: MixtralConfig, batch: int, max_len: int, dtype=None) -> dict[str, Any]:
-    """An empty fixed-size KV cache.
-
-    Args:
-      config: the model.
-      batch: B rows.
-      max_len: S slots per row; size it by prompt + new tokens, not by the context.
-      dtype: cache dtype; None for the platform default (see `default_dtype`).
-    Returns:
-      {"lengths": [B] int32 zeros, "layers_{i}": {"k", "v": [B, S, K, H] zeros}}.
-    """
-    if not isinstance(batch, (int, np.integer)) or batch < 1:
-        raise ValueError(f"batch must be a positive integer, got {batch!r}")
-    if not isinstance(max_len, (int, np.integer)) or not 1 <= max_len <= config.max_seq_len:
-        raise ValueError(f"max_len must be in [1, max_seq_len={config.max_seq_len}], got {max_len!r}")
-    dtype = default_dtype() if dtype is None else dtype
-    shape = (batch, max_len, config.n_kv_heads, config.head_dim)
-    cache: dict[str, Any] = {"lengths": jnp.zeros((batch,), jnp.int32)}
-    for i in range(config.n_layers):
-        cache[layer_name(i)] = {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
-    return cache
 
 
 def _is_concrete(x) -> bool:
@@ -318,12 +294,10 @@ def decoder(config: MixtralConfig, params, tokens, lengths, cache, *, moe_strate
         k = apply_rope(jnp.einsum("btd,dkh->btkh", h, wk), cos, sin)               # [B, T, K, H]
         v = jnp.einsum("btd,dkh->btkh", h, wv)                                     # [B, T, K, H]
         if cache is not None:
-            rows = jnp.arange(b)[:, None]
-            c = cache[layer_name(i)]
-            k = c["k"].at[rows, write_pos].set(k.astype(c["k"].dtype), mode="drop")  # [B, S, K, H]
-            v = c["v"].at[rows, write_pos].set(v.astype(c["v"].dtype), mode="drop")
-            k, v = constrain(k, kv_axes, mesh), constrain(v, kv_axes, mesh)
-            new_cache[layer_name(i)] = {"k": k, "v": v}
+            c = kvcache.write(cache[layer_name(i)], k, v, write_pos)                 # [B, S, K, H] (+ scales)
+            c = {name: constrain(a, kv_axes[:a.ndim], mesh) for name, a in c.items()}
+            new_cache[layer_name(i)] = c
+            k, v = kvcache.read(c)
         attn = attention_lib.attend(impl, q, k, v, q_pos, kv_len,
                                     sliding_window=config.sliding_window)          # [B, T, N, H]
         # [B, T, N*H] @ [N*H, D]: XLA's CPU dot contracting (n, h) directly runs ~13x slower

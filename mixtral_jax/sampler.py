@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import attention as attention_lib
+from .kvcache import DTYPES as KV_DTYPES
 from .model import Model, check_prefill_chunk, decoder, init_cache, lm_head
 from .sharding import constrain, mesh_of
 
@@ -37,6 +38,7 @@ class Static:
     out_len: int                    # generated-token buffer width
     prefill_chunk: int | None       # prompt tokens per prefill step; None: the whole prompt at once
     attention: str                  # mixtral_jax.attention implementation
+    kv_dtype: str | None = None     # KV cache dtype (mixtral_jax.kvcache); None: the parameters'
     mesh: Any = None                # the parameters' mesh
 
 
@@ -198,7 +200,7 @@ def prefill(config, params, tokens, lengths, p, seeds, stop, max_new, *, static:
     b, t = tokens.shape
     vocab = config.vocab_size
     mesh, out_len = static.mesh, static.out_len
-    cache = init_cache(config, b, static.cache_len, dtype=params["embed"].dtype)
+    cache = init_cache(config, b, static.cache_len, dtype=static.kv_dtype or params["embed"].dtype)
     last_hidden, cache = prefill_cache(config, params, tokens, lengths, cache, chunk=static.prefill_chunk,
                                        attention=static.attention, mesh=mesh)  # [B, D]
     prompt_ids = jnp.where(jnp.arange(t)[None, :] < lengths[:, None], tokens, vocab)   # padding -> dropped
@@ -261,10 +263,12 @@ def _per_row(name: str, value, n: int, dtype) -> np.ndarray:
 
 def prepare(model: Model, prompts, *, max_new_tokens, temperature=0.0, top_k=0, top_p=1.0, min_p=0.0,
             repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0, stop_tokens=None,
-            seed=0, prefill_chunk=DEFAULT_PREFILL_CHUNK, attention="auto") -> _Batch:
+            seed=0, prefill_chunk=DEFAULT_PREFILL_CHUNK, attention="auto", kv_dtype=None) -> _Batch:
     """Validate everything on the host (ValueError naming the value) and build padded arrays."""
     config = model.config
     attention_lib.choose(attention)
+    if kv_dtype is not None and kv_dtype not in KV_DTYPES:
+        raise ValueError(f"kv_dtype must be one of {', '.join(KV_DTYPES)}, got {kv_dtype!r}")
     check_prefill_chunk(prefill_chunk)
     if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence) or not prompts:
         raise ValueError("prompts must be a non-empty list of strings or of token-id lists")
@@ -322,7 +326,7 @@ def prepare(model: Model, prompts, *, max_new_tokens, temperature=0.0, top_k=0, 
     out_len = bucket(int(max_new.max()))
     static = Static(cache_len=min(t + out_len, config.max_seq_len), out_len=out_len,
                     prefill_chunk=int(prefill_chunk) if prefill_chunk and prefill_chunk < t else None,
-                    attention=attention, mesh=mesh_of(model.params))
+                    attention=attention, kv_dtype=kv_dtype, mesh=mesh_of(model.params))
     params = SamplingParams(temperature, top_k, top_p, min_p, rep_pen, presence, frequency)
     return _Batch(tokens, lengths, params, seeds.astype(np.uint32), stop, max_new, static)
 
@@ -337,7 +341,8 @@ def _rows(state: DecodeState, logprobs: bool):
 
 def generate(model: Model, prompts, *, max_new_tokens, temperature=0.0, top_k=0, top_p=1.0, min_p=0.0,
              repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0, stop_tokens=None,
-             seed=0, logprobs: bool = False, prefill_chunk=DEFAULT_PREFILL_CHUNK, attention="auto"):
+             seed=0, logprobs: bool = False, prefill_chunk=DEFAULT_PREFILL_CHUNK, attention="auto",
+             kv_dtype=None):
     """Generate continuations of a batch of prompts.
 
     Args:
@@ -354,6 +359,8 @@ def generate(model: Model, prompts, *, max_new_tokens, temperature=0.0, top_k=0,
       prefill_chunk: prompt tokens per prefill step for prompts longer than it; None or 0 for the
         whole prompt at once.
       attention: "auto", "materialized", "blockwise", "cudnn" or "splash" (mixtral_jax.attention).
+      kv_dtype: KV cache dtype, "int8" for the quantized cache (mixtral_jax.kvcache); None for the
+        parameters' dtype.
     Returns:
       Per prompt, its new token ids (ending at and including the first stop token); with
       `logprobs=True`, `(tokens, logprobs)`.
@@ -361,7 +368,8 @@ def generate(model: Model, prompts, *, max_new_tokens, temperature=0.0, top_k=0,
     b = prepare(model, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                 top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty,
                 presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
-                stop_tokens=stop_tokens, seed=seed, prefill_chunk=prefill_chunk, attention=attention)
+                stop_tokens=stop_tokens, seed=seed, prefill_chunk=prefill_chunk, attention=attention,
+                kv_dtype=kv_dtype)
     state = _generate_jit(model.config, model.params, b.tokens, b.lengths, b.params, b.seeds, b.stop,
                           b.max_new, static=b.static)
     return _rows(state, logprobs)

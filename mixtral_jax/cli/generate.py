@@ -21,9 +21,20 @@ _DIM, _RESET = "\x1b[2m", "\x1b[0m"
 
 
 def resolve_sampling(args, model) -> dict:
-    """Flags over the checkpoint's generation defaults over DEFAULTS (may add `stop_tokens`)."""
+    """Flags over the checkpoint's generation defaults over DEFAULTS (may add `stop_tokens`), plus
+    how to run: attention, prefill chunk, KV cache dtype."""
     out = {**DEFAULTS, **model.generation_config_kwargs()}
     out.update({k: getattr(args, k) for k in SAMPLING_FIELDS if getattr(args, k, None) is not None})
+    return out | running(args)
+
+
+def running(args) -> dict:
+    """The generate keyword arguments that choose how (not what) to compute."""
+    out = {"attention": args.attention, "kv_dtype": args.kv_dtype}
+    if args.prefill_chunk is not None:
+        if args.prefill_chunk < 0:
+            raise UsageError(f"--prefill-chunk must be >= 0 (0: the whole prompt at once), got {args.prefill_chunk}")
+        out["prefill_chunk"] = args.prefill_chunk
     return out
 
 
@@ -156,7 +167,7 @@ def _generate_file(model, args) -> int:
         except ValueError as e:
             results[i] = {"index": i, "error": str(e)}
     jobs.sort(key=lambda job: len(job[1]))  # similar lengths batch together
-    shared = {"stop_tokens": base["stop_tokens"]} if "stop_tokens" in base else {}
+    shared = {k: base[k] for k in base if k not in SAMPLING_FIELDS}  # stop tokens, how to run
     with tqdm(total=len(jobs), desc="generate", unit="prompt", disable=not sys.stderr.isatty()) as bar:
         for start in range(0, len(jobs), args.batch_size):
             batch = jobs[start:start + args.batch_size]
@@ -231,6 +242,19 @@ def _add_sampling_args(p) -> None:
     p.add_argument("--seed", type=int, help="sampling seed (default 0)")
 
 
+def _add_running_args(p) -> None:
+    from mixtral_jax.attention import IMPLEMENTATIONS
+    from mixtral_jax.kvcache import DTYPES
+    from mixtral_jax.sampler import DEFAULT_PREFILL_CHUNK
+
+    p.add_argument("--attention", choices=IMPLEMENTATIONS, default="auto",
+                   help="attention implementation (default auto: by platform; README, long context)")
+    p.add_argument("--prefill-chunk", type=int,
+                   help=f"prompt tokens per prefill step (default {DEFAULT_PREFILL_CHUNK}; 0: all at once)")
+    p.add_argument("--kv-dtype", choices=DTYPES, help="KV cache dtype; int8 halves a bfloat16 cache "
+                                                      "(default: the model's dtype)")
+
+
 def add_parsers(sub) -> None:
     gen = sub.add_parser("generate", help="continue a prompt, or a JSONL file of prompts")
     add_model_args(gen)
@@ -247,11 +271,13 @@ def add_parsers(sub) -> None:
                      help='print {"prompt", "text" (new text), "tokens" (new ids), "finish_reason"}')
     gen.add_argument("--batch-size", type=int, default=8, help="prompts per batch with --input")
     _add_sampling_args(gen)
+    _add_running_args(gen)
     gen.set_defaults(func=cmd_generate)
 
     chat = sub.add_parser("chat", help="interactive multi-turn chat ([INST] format), streaming")
     add_model_args(chat)
     _add_sampling_args(chat)
+    _add_running_args(chat)
     chat.set_defaults(func=cmd_chat)
 
     score = sub.add_parser("score", help="tokens, mean NLL and perplexity of a text file")
