@@ -9,10 +9,10 @@ import logging
 import os
 import sys
 
-from . import convert, generate, plan, routing, train
+from . import convert, evals, generate, plan, routing, train
 from .common import PROG, Parser, UsageError, init_distributed
 
-_GROUPS = (convert, generate, plan, train, routing)
+_GROUPS = (convert, generate, evals, plan, train, routing)
 
 
 def build_parser() -> Parser:
