@@ -1,4 +1,5 @@
-"""`passkey`: the passkey retrieval evaluation (the Mixtral paper's §3.2; mixtral_jax.evals)."""
+"""The long-context evaluations (the Mixtral paper's §3.2; mixtral_jax.evals): `passkey`, and
+`score --context-lengths` (its parser lives with `score`)."""
 
 from __future__ import annotations
 
@@ -27,8 +28,6 @@ def parse_context_lengths(text: str) -> list[int]:
 
 
 def cmd_passkey(args) -> int:
-    from tqdm import tqdm
-
     from mixtral_jax import evals
 
     lengths = _numbers(args.lengths, int, "--lengths")
@@ -44,19 +43,55 @@ def cmd_passkey(args) -> int:
                          f"minus {evals.ANSWER_TOKENS} answer tokens), got {args.lengths!r}")
     if model.tokenizer is None:
         raise UsageError("passkey needs a tokenizer; this checkpoint has none")
-    total = len(lengths) * len(depths) * args.trials
-    with tqdm(total=total, desc="passkey", unit="prompt", disable=not sys.stderr.isatty()) as bar:
+    with _progress(len(lengths) * len(depths) * args.trials, "passkey", "prompt") as bar:
         result = evals.passkey(model, lengths, depths, trials=args.trials, seed=args.seed, progress=bar.update,
                                **running(args))
+
+    def table():
+        print(f"passkey retrieval accuracy, {args.trials} keys per cell (rows: length in tokens, columns: depth)")
+        print(f"{'length':>8} " + " ".join(f"{d:>6g}" for d in depths))
+        for n, row in zip(lengths, result["accuracy"]):
+            print(f"{n:>8} " + " ".join(f"{a:>6.0%}" for a in row))
+
+    return _emit(args, result, evals.plot_passkey, table)
+
+
+def score_by_context(args, text: str) -> int:
+    """score --context-lengths: perplexity of the same tokens as the context grows."""
+    from mixtral_jax import evals
+    from mixtral_jax.scoring import tokenizer_for
+
+    lengths = parse_context_lengths(args.context_lengths)
+    model = load_model(args)
+    ids = tokenizer_for(model).encode(text, bos=True)
+    if len(ids) <= max(lengths):
+        raise UsageError(f"{args.file}: {len(ids)} tokens; --context-lengths needs more than the largest "
+                         f"({max(lengths)}) to score any token")
+    with _progress((len(ids) - max(lengths)) * len(lengths), "score", "token") as bar:
+        result = evals.context_perplexity(model, ids, lengths, progress=bar.update)
+
+    def table():
+        print(f"{args.file}: the last {result['tokens']} tokens, each with c tokens of context:")
+        for c, p in zip(lengths, result["perplexity"]):
+            print(f"  c = {c:>6}: perplexity {p:.3f}")
+
+    return _emit(args, result, evals.plot_context, table)
+
+
+def _progress(total: int, desc: str, unit: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, disable=not sys.stderr.isatty())
+
+
+def _emit(args, result: dict, plot, table) -> int:
+    """The PNG (--plot), then the JSON (--json) or the table on stdout."""
     if args.plot:
-        write_atomically(args.plot, lambda f: evals.plot_passkey(result, f))
+        write_atomically(args.plot, lambda f: plot(result, f))
     if args.json:
         print(json.dumps(result))
-        return 0
-    print(f"passkey retrieval accuracy, {args.trials} keys per cell (rows: length in tokens, columns: depth)")
-    print(f"{'length':>8} " + " ".join(f"{d:>6g}" for d in depths))
-    for n, row in zip(lengths, result["accuracy"]):
-        print(f"{n:>8} " + " ".join(f"{a:>6.0%}" for a in row))
+    else:
+        table()
     return 0
 
 

@@ -217,42 +217,15 @@ def cmd_score(args) -> int:
     if not text:
         raise UsageError(f"{args.file}: empty file")
     if args.context_lengths:
-        return _score_by_context(args, text)
+        from .evals import score_by_context
+
+        return score_by_context(args, text)
     result = score_text(load_model(args), text)
     if args.json:
         print(json.dumps(result))
     else:
         print(f"{args.file}: {result['tokens']} tokens, mean NLL {result['nll']:.4f} nats, "
               f"perplexity {result['perplexity']:.3f}")
-    return 0
-
-
-def _score_by_context(args, text: str) -> int:
-    """score --context-lengths: perplexity of the same tokens as the context grows."""
-    from mixtral_jax import evals
-    from mixtral_jax.scoring import tokenizer_for
-
-    from .evals import parse_context_lengths
-
-    lengths = parse_context_lengths(args.context_lengths)
-    model = load_model(args)
-    ids = tokenizer_for(model).encode(text, bos=True)
-    if len(ids) <= max(lengths):
-        raise UsageError(f"{args.file}: {len(ids)} tokens; --context-lengths needs more than the largest "
-                         f"({max(lengths)}) to score any token")
-    from tqdm import tqdm
-
-    with tqdm(total=(len(ids) - max(lengths)) * len(lengths), desc="score", unit="token",
-              disable=not sys.stderr.isatty()) as bar:
-        result = evals.context_perplexity(model, ids, lengths, progress=bar.update)
-    if args.plot:
-        write_atomically(args.plot, lambda f: evals.plot_context(result, f))
-    if args.json:
-        print(json.dumps(result))
-        return 0
-    print(f"{args.file}: the last {result['tokens']} tokens, each with c tokens of context:")
-    for c, p in zip(lengths, result["perplexity"]):
-        print(f"  c = {c:>6}: perplexity {p:.3f}")
     return 0
 
 
