@@ -22,6 +22,7 @@ per kv head, H head_dim; q a query block's rows, s a key block's slots.
 from __future__ import annotations
 
 import logging
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -133,25 +134,140 @@ def materialized_attention(q, k, v, q_pos, kv_len, *, sliding_window=None) -> ja
     return grouped_attention(q, k, v, mask)
 
 
-def choose(name: str, platform: str | None = None) -> str:
-    """The implementation `name` asks for; "auto" resolved for the platform (default: JAX's backend).
+class Chunk(NamedTuple):
+    """The new tokens' own keys and values, for the kernel paths, which attend to them (causally)
+    and to the cache before them in two calls merged by their log-sum-exp."""
+    k: jax.Array               # [B, T, K, H]
+    v: jax.Array               # [B, T, K, H]
+    new_len: jax.Array         # [B] valid new tokens per row
+    offset: jax.Array | None   # [B] filled cache slots before them; None without a cache
 
-    CPU and anything without a kernel path: blockwise (it matched or beat the materialised form at
-    every size measured, decode included, and its memory is linear). ValueError for an unknown name.
-    """
+
+def check_name(name: str) -> None:
+    """ValueError for an unknown implementation name."""
     if name not in IMPLEMENTATIONS:
         raise ValueError(f"unknown attention {name!r}; choose from {', '.join(IMPLEMENTATIONS)}")
+
+
+def kernel_unfit(name: str, q, k, chunk: Chunk, sliding_window, platform: str) -> str | None:
+    """Why kernel `name` ("cudnn" or "splash") cannot run these shapes here, or None when it can."""
+    wanted = {"cudnn": "gpu", "splash": "tpu"}[name]
+    if platform != wanted:
+        return f"{name} attention runs on {wanted.upper()}, not {platform}"
+    if isinstance(k, Quantized):
+        return f"{name} attention takes a float KV cache, not int8"
+    if chunk.offset is not None and sliding_window is not None:
+        return f"{name} attention after a cache does not take a sliding window"
+    if name == "cudnn":
+        if q.dtype not in (jnp.bfloat16, jnp.float16):
+            return f"cudnn attention needs bfloat16 or float16, not {q.dtype}"
+        if q.shape[-1] % 8 or q.shape[-1] > 128:
+            return f"cudnn attention needs a head_dim that is a multiple of 8 and at most 128, not {q.shape[-1]}"
+    elif q.shape[1] % SPLASH_BLOCK or k.shape[1] % SPLASH_BLOCK:
+        return f"splash attention needs query and key lengths that are multiples of {SPLASH_BLOCK}"
+    return None
+
+
+def choose(name: str, q, k, chunk: Chunk, sliding_window=None, platform: str | None = None) -> str:
+    """The implementation to run (at trace time, from shapes and dtypes).
+
+    "auto": cudnn on GPU and splash on TPU when their constraints hold (`kernel_unfit`), else
+    blockwise, which on CPU matched or beat the materialised form at every size measured, decode
+    included, with linear memory. An explicit "cudnn" or "splash" that cannot run is a ValueError
+    saying why.
+    """
+    check_name(name)
+    platform = platform or jax.default_backend()
+    if name in ("cudnn", "splash"):
+        reason = kernel_unfit(name, q, k, chunk, sliding_window, platform)
+        if reason:
+            raise ValueError(reason)
+        return name
     if name != "auto":
         return name
-    chosen = "blockwise"
-    log.debug("attention auto -> %s on %s", chosen, platform or jax.default_backend())
+    kernel = {"gpu": "cudnn", "tpu": "splash"}.get(platform)
+    chosen = kernel if kernel and not kernel_unfit(kernel, q, k, chunk, sliding_window, platform) else "blockwise"
+    log.debug("attention auto -> %s on %s for q %s, k %s", chosen, platform, q.shape, _values(k).shape)
     return chosen
 
 
-def attend(name: str, q, k, v, q_pos, kv_len, *, sliding_window=None) -> jax.Array:
-    """Attention by implementation `name` (resolved: not "auto"); shapes as `blockwise_attention`."""
+def attend(name: str, q, k, v, q_pos, kv_len, chunk: Chunk, *, sliding_window=None) -> jax.Array:
+    """Attention by implementation `name` (or "auto"); shapes as `blockwise_attention`, `chunk` the new
+    tokens' own keys and values (k, v being the cache they were written to, or themselves)."""
+    name = choose(name, q, k, chunk, sliding_window)
     if name == "materialized":
         return materialized_attention(q, k, v, q_pos, kv_len, sliding_window=sliding_window)
     if name == "blockwise":
         return blockwise_attention(q, k, v, q_pos, kv_len, sliding_window=sliding_window)
-    raise ValueError(f"attention {name!r} is not available here")
+    past = None if chunk.offset is None else (k, v, chunk.offset)
+    if name == "cudnn":
+        return sdpa_attention(q, chunk, past, sliding_window=sliding_window)
+    return splash_attention(q, chunk, past, sliding_window=sliding_window)
+
+
+def _merge(own, lse_own, prev, lse_prev, offset):
+    """Two attention outputs [B, T, N, H] over disjoint keys, by their log-sum-exps [B, T, N]."""
+    lse = jnp.logaddexp(lse_own, lse_prev)
+    out = (own.astype(jnp.float32) * jnp.exp(lse_own - lse)[..., None]
+           + prev.astype(jnp.float32) * jnp.exp(lse_prev - lse)[..., None])
+    # A row with nothing cached keeps its own part as it is (a kernel's empty-key output is not
+    # guaranteed to be finite).
+    return jnp.where(offset[:, None, None, None] > 0, out, own.astype(jnp.float32)).astype(own.dtype)
+
+
+def sdpa_attention(q, chunk: Chunk, past=None, *, sliding_window=None, implementation="cudnn") -> jax.Array:
+    """`jax.nn.dot_product_attention` (cuDNN on GPU): the chunk against itself, causally, and after a
+    cache against the cache's first `offset` slots, merged. Never a dense mask or bias: those
+    become a B·N·T·S tensor. `implementation="xla"` runs the same calls anywhere (the tests' CPU
+    check of this path).
+
+    Args:
+      q: [B, T, N, H]; chunk: its own keys/values and lengths; past: (cache k, cache v, offset) or None.
+    Returns:
+      [B, T, N, H] in q's dtype.
+    """
+    window = None if sliding_window is None else (sliding_window - 1, 0)
+    own, lse_own = jax.nn.dot_product_attention(
+        q, chunk.k, chunk.v, is_causal=True, query_seq_lengths=chunk.new_len, key_value_seq_lengths=chunk.new_len,
+        local_window_size=window, implementation=implementation, return_residual=True)
+    if past is None:
+        return own
+    k, v, offset = past
+    prev, lse_prev = jax.nn.dot_product_attention(
+        q, k, v, query_seq_lengths=chunk.new_len, key_value_seq_lengths=offset, implementation=implementation,
+        return_residual=True)
+    return _merge(own, lse_own, prev, lse_prev, offset)
+
+
+SPLASH_BLOCK = 128
+
+
+def splash_attention(q, chunk: Chunk, past=None, *, sliding_window=None, interpret: bool = False) -> jax.Array:
+    """Pallas splash attention (TPU; `interpret=True` runs it anywhere, slowly): causal (or local)
+    over the chunk itself, full over the cache's first `offset` slots, merged; GQA native, padding
+    and offsets by segment ids, vmapped over the batch. Shapes as `sdpa_attention`; lengths must be
+    multiples of SPLASH_BLOCK."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+
+    b, t, n, h = q.shape
+    blocks = sk.BlockSizes(*(SPLASH_BLOCK,) * 8)
+    qn = (q * h ** -0.5).transpose(0, 2, 1, 3)                                        # [B, N, T, H]
+
+    def run(mask, k, v, kv_valid):
+        kernel = sk.make_splash_mha(sm.MultiHeadMask([mask] * n), block_sizes=blocks, head_shards=1,
+                                    q_seq_shards=1, save_residuals=True, interpret=interpret)
+        segments = jax.vmap(lambda valid: sk.SegmentIds(q=jnp.zeros((t,), jnp.int32),
+                                                        kv=jnp.where(valid, 0, 1).astype(jnp.int32)))(kv_valid)
+        out, (lse,) = jax.vmap(kernel)(qn, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), segment_ids=segments)
+        return out.transpose(0, 2, 1, 3), lse.transpose(0, 2, 1)                      # [B,T,N,H], [B,T,N]
+
+    own_mask = (sm.CausalMask((t, t)) if sliding_window is None
+                else sm.LocalMask((t, t), window_size=(sliding_window - 1, 0), offset=0))
+    own, lse_own = run(own_mask, chunk.k, chunk.v, jnp.arange(t)[None, :] < chunk.new_len[:, None])
+    if past is None:
+        return own.astype(q.dtype)
+    k, v, offset = past
+    s = k.shape[1]
+    prev, lse_prev = run(sm.FullMask((t, s)), k, v, jnp.arange(s)[None, :] < offset[:, None])
+    return _merge(own, lse_own, prev, lse_prev, offset).astype(q.dtype)

@@ -212,7 +212,7 @@ def forward(config: MixtralConfig, params, tokens, *, lengths=None, cache=None,
     _check_inputs(config, tokens, lengths, cache)
     if moe_strategy not in STRATEGIES:
         raise ValueError(f"unknown MoE strategy {moe_strategy!r}; choose from {', '.join(STRATEGIES)}")
-    attention_lib.choose(attention)  # an unknown name fails here, before tracing
+    attention_lib.check_name(attention)  # an unknown name fails here, before tracing
     check_prefill_chunk(prefill_chunk)
     run = functools.partial(_forward_jit, config, params, moe_strategy=moe_strategy,
                             capacity_factor=capacity_factor, group_size=group_size, mesh=mesh_of(params),
@@ -277,7 +277,7 @@ def decoder(config: MixtralConfig, params, tokens, lengths, cache, *, moe_strate
     if cache is not None:
         # Padding tokens are written to slot S, which the scatter drops.
         write_pos = jnp.where(q_valid, q_pos, cache[layer_name(0)]["k"].shape[1])
-    impl = attention_lib.choose(attention)
+    attention_lib.check_name(attention)
     cos, sin = rope_angles(q_pos, config.head_dim, config.rope_theta)
 
     act = ("batch", "sequence", "embed")
@@ -293,12 +293,13 @@ def decoder(config: MixtralConfig, params, tokens, lengths, cache, *, moe_strate
         q = constrain(q, ("batch", "sequence", "q_heads", "head_dim"), mesh)
         k = apply_rope(jnp.einsum("btd,dkh->btkh", h, wk), cos, sin)               # [B, T, K, H]
         v = jnp.einsum("btd,dkh->btkh", h, wv)                                     # [B, T, K, H]
+        chunk = attention_lib.Chunk(k, v, new_len, None if cache is None else offset)
         if cache is not None:
             c = kvcache.write(cache[layer_name(i)], k, v, write_pos)                 # [B, S, K, H] (+ scales)
             c = {name: constrain(a, kv_axes[:a.ndim], mesh) for name, a in c.items()}
             new_cache[layer_name(i)] = c
             k, v = kvcache.read(c)
-        attn = attention_lib.attend(impl, q, k, v, q_pos, kv_len,
+        attn = attention_lib.attend(attention, q, k, v, q_pos, kv_len, chunk,
                                     sliding_window=config.sliding_window)          # [B, T, N, H]
         # [B, T, N*H] @ [N*H, D]: XLA's CPU dot contracting (n, h) directly runs ~13x slower
         o = jnp.einsum("btk,kd->btd", attn.reshape(b, t, -1), wo.reshape(-1, wo.shape[-1]))

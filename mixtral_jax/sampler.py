@@ -266,7 +266,7 @@ def prepare(model: Model, prompts, *, max_new_tokens, temperature=0.0, top_k=0, 
             seed=0, prefill_chunk=DEFAULT_PREFILL_CHUNK, attention="auto", kv_dtype=None) -> _Batch:
     """Validate everything on the host (ValueError naming the value) and build padded arrays."""
     config = model.config
-    attention_lib.choose(attention)
+    attention_lib.check_name(attention)
     if kv_dtype is not None and kv_dtype not in KV_DTYPES:
         raise ValueError(f"kv_dtype must be one of {', '.join(KV_DTYPES)}, got {kv_dtype!r}")
     check_prefill_chunk(prefill_chunk)

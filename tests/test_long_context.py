@@ -130,14 +130,14 @@ def test_32k_forward_on_tiny_fits_in_2gb(chunk):
 
 def attention_temp_bytes(t: int, attention: str) -> int:
     """Compiled temp bytes of one layer's attention over t tokens (tiny config's heads)."""
-    from mixtral_jax.attention import attend
+    from mixtral_jax.attention import Chunk, attend
 
     c = mj.MixtralConfig.tiny()
     q = jax.ShapeDtypeStruct((1, t, c.n_heads, c.head_dim), np.float32)
     kv = jax.ShapeDtypeStruct((1, t, c.n_kv_heads, c.head_dim), np.float32)
     pos = jax.ShapeDtypeStruct((1, t), np.int32)
     n = jax.ShapeDtypeStruct((1,), np.int32)
-    fn = jax.jit(lambda q, k, v, p, n: attend(attention, q, k, v, p, n))
+    fn = jax.jit(lambda q, k, v, p, n: attend(attention, q, k, v, p, n, Chunk(k, v, n, None)))
     return fn.lower(q, kv, kv, pos, n).compile().memory_analysis().temp_size_in_bytes
 
 
