@@ -1,15 +1,23 @@
 """Per-device memory of a model on a mesh, without allocating anything.
 
 Weights and the KV cache come from `jax.eval_shape` of `init_params` / `init_cache` and the same
-logical-axis shardings the model runs with (mixtral_jax.sharding). Activations are the largest
-transient buffers of one layer, counted from the einsum shapes of this implementation, for the
-larger of a prefill of `prompt_len` tokens per row and a decode step:
+logical-axis shardings the model runs with (mixtral_jax.sharding). Activations are the buffers of one
+layer live at once, counted from the shapes of this implementation, for the larger of a prefill
+step (T = `prompt_len` tokens per row, or `prefill_chunk` when the prompt is longer) and a decode
+step (T = 1) against the cache:
 
-- hidden states [B, T, D] x 4 (residual, normed, attention out, MoE out), q [B, T, N, H],
-  k/v [B, T, K, H], attention scores and probabilities [B, N, T, S] float32 x 2;
-- MoE einsum dispatch/combine masks [g, t, E, C] float32 x 2 (dropless: C = t = routing group),
-  expert inputs/outputs [g, E, C, D] x 2 and gate/up [g, E, C, F] x 2;
+- the residual stream, its normed copy and the attention output [B, T, D] (x 3);
+- q [B, T, N, H] and the attention output, k and v [B, T, K, H];
+- blockwise attention: one tile of scores and probabilities [B, N, 256, 256] float32 (x 2);
+- the MoE: with experts split over the mesh (einsum), the dispatch/combine masks [g, t, E, C]
+  float32 (x 2, dropless C = t = routing group), expert inputs/outputs [g, E, C, D] and gate/up
+  [g, E, C, F] (x 2 each); on one expert shard (sorted), the rows gathered in expert order
+  [B·T·X, D] and their outputs [B·T·X, D] float32 (x 2; XLA reuses the first for the per-slot
+  outputs). Not counted: stacked expert weights, which XLA on CPU copies expert by expert before
+  use (one layer's experts: what `load` avoids with its split CPU layout);
 - logits [B, V] float32 at the last position.
+
+Checked against XLA's own `memory_analysis()` of the compiled prefill on the tiny config (tests).
 """
 
 from __future__ import annotations
@@ -21,6 +29,8 @@ import jax
 import numpy as np
 
 from .config import MixtralConfig
+from .attention import DEFAULT_BLOCK
+from .kvcache import is_int8
 from .model import ParamSpec, init_cache, init_params, param_specs
 from .moe import DEFAULT_GROUP_SIZE
 from .quant import CONTRACTED
@@ -30,7 +40,7 @@ GROUPS = {"embed": "embeddings", "lm_head": "embeddings", "wq": "attention", "wk
           "wv": "attention", "wo": "attention", "w_gate": "experts", "w_up": "experts", "w_down": "experts",
           "router": "norms_router", "attn_norm": "norms_router", "ffn_norm": "norms_router",
           "final_norm": "norms_router"}
-KV_AXES = ("batch", "cache_sequence", "kv_heads", "head_dim")
+KV_AXES = ("batch", "cache_sequence", "kv_heads", "head_dim")  # scales: the first three
 
 
 def _bytes(shape, axes, mesh_sizes, itemsize) -> int:
@@ -39,7 +49,7 @@ def _bytes(shape, axes, mesh_sizes, itemsize) -> int:
 
 def plan_memory(config: MixtralConfig, mesh_sizes: dict[str, int], *, dtype="bfloat16", batch: int = 1,
                 max_seq_len: int | None = None, prompt_len: int = 512,
-                quantize: str | None = None) -> dict[str, Any]:
+                quantize: str | None = None, kv_dtype=None, prefill_chunk: int | None = None) -> dict[str, Any]:
     """Per-device bytes of weights (by group), KV cache and activations.
 
     Args:
@@ -51,8 +61,12 @@ def plan_memory(config: MixtralConfig, mesh_sizes: dict[str, int], *, dtype="bfl
       prompt_len: prefill length per row for the activation estimate.
       quantize: "int8" for int8 expert and attention matrices (1 byte each plus a float32 scale
         per output channel, as mixtral_jax.quant stores them).
+      kv_dtype: KV cache dtype ("int8": 1 byte per number plus a float32 scale per token and head,
+        mixtral_jax.kvcache); None for `dtype`.
+      prefill_chunk: prompt tokens per prefill step (None or 0: the whole prompt).
     Returns:
-      {"weights": {group: bytes}, "weights_total", "kv_cache", "activations", "total"}, per device.
+      {"weights": {group: bytes}, "weights_total", "kv_cache", "activations" (the larger of
+      "prefill_activations" and "decode_activations"), "total"}, per device.
     """
     itemsize = np.dtype(dtype).itemsize
     seq = config.max_seq_len if max_seq_len is None else max_seq_len
@@ -75,33 +89,45 @@ def plan_memory(config: MixtralConfig, mesh_sizes: dict[str, int], *, dtype="bfl
         weights[GROUPS[leaf]] += n_bytes
 
     jax.tree_util.tree_map_with_path(add, specs, shapes, is_leaf=lambda x: isinstance(x, ParamSpec))
-    cache = jax.eval_shape(lambda: init_cache(config, batch, seq, dtype=dtype))
-    kv = sum(_bytes(a.shape, KV_AXES, mesh_sizes, itemsize)
+    cache = jax.eval_shape(lambda: init_cache(config, batch, seq, dtype=kv_dtype or dtype))
+    kv = sum(_bytes(a.shape, KV_AXES[:a.ndim], mesh_sizes, a.dtype.itemsize)
              for name, layer in cache.items() if name.startswith("layers_") for a in layer.values())
-    activations = max(_activation_bytes(config, mesh_sizes, itemsize, batch, t, s)
-                      for t, s in ((min(prompt_len, seq), min(prompt_len, seq)), (1, seq)))
+    step = min(prompt_len, seq, prefill_chunk or prompt_len)
+    prefill = activation_bytes(config, mesh_sizes, itemsize, batch, step)
+    decode = activation_bytes(config, mesh_sizes, itemsize, batch, 1)
     total_weights = sum(weights.values())
+    activations = max(prefill, decode)
     return {"weights": weights, "weights_total": total_weights, "kv_cache": kv, "activations": activations,
+            "prefill_activations": prefill, "decode_activations": decode,
+            "kv_dtype": "int8" if is_int8(kv_dtype) else np.dtype(kv_dtype or dtype).name,
             "total": total_weights + kv + activations}
 
 
-def _activation_bytes(c: MixtralConfig, mesh, itemsize: int, b: int, t: int, s: int) -> int:
-    tokens = b * t
-    group = min(DEFAULT_GROUP_SIZE, tokens)
-    g = -(-tokens // group)
+def activation_bytes(c: MixtralConfig, mesh, itemsize: int, b: int, t: int) -> int:
+    """Bytes per device of one layer's live buffers for a step of t tokens per row (module docstring)."""
     f32 = 4
     act = ("batch", "sequence", "embed")
+    q_axes, kv_axes = ("batch", "sequence", "q_heads", "head_dim"), ("batch", "sequence", "kv_heads", "head_dim")
+    tile = min(t, DEFAULT_BLOCK)
     parts = [
-        4 * _bytes((b, t, c.d_model), act, mesh, itemsize),
-        _bytes((b, t, c.n_heads, c.head_dim), ("batch", "sequence", "q_heads", "head_dim"), mesh, itemsize),
-        2 * _bytes((b, t, c.n_kv_heads, c.head_dim), ("batch", "sequence", "kv_heads", "head_dim"), mesh, itemsize),
-        2 * _bytes((b, c.n_heads, t, s), ("batch", "q_heads", "sequence", "cache_sequence"), mesh, f32),
-        2 * _bytes((g, group, c.n_experts, group), ("token_groups", None, "experts_replicated", "capacity"),
-                   mesh, f32),
-        2 * _bytes((g, c.n_experts, group, c.d_model), ("groups", "experts", "capacity", "embed"), mesh, itemsize),
-        2 * _bytes((g, c.n_experts, group, c.d_ff), ("groups", "experts", "capacity", "ffw"), mesh, itemsize),
+        3 * _bytes((b, t, c.d_model), act, mesh, itemsize),
+        2 * _bytes((b, t, c.n_heads, c.head_dim), q_axes, mesh, itemsize),
+        2 * _bytes((b, t, c.n_kv_heads, c.head_dim), kv_axes, mesh, itemsize),
+        2 * _bytes((b, c.n_heads, tile, DEFAULT_BLOCK), ("batch", "q_heads", None, None), mesh, f32),
         _bytes((b, c.vocab_size), ("batch", "vocab"), mesh, f32),
     ]
+    if mesh.get("expert", 1) > 1:  # einsum dispatch, as `auto` picks on an expert-split mesh
+        tokens = b * t
+        group = min(DEFAULT_GROUP_SIZE, tokens)
+        g = -(-tokens // group)
+        parts += [
+            2 * _bytes((g, group, c.n_experts, group), ("token_groups", None, "experts_replicated", "capacity"),
+                       mesh, f32),
+            2 * _bytes((g, c.n_experts, group, c.d_model), ("groups", "experts", "capacity", "embed"), mesh, itemsize),
+            2 * _bytes((g, c.n_experts, group, c.d_ff), ("groups", "experts", "capacity", "ffw"), mesh, itemsize),
+        ]
+    else:  # sorted: rows in expert order and their outputs
+        parts.append(2 * _bytes((b * t * c.top_k, c.d_model), ("batch", "embed"), mesh, f32))
     return sum(parts)
 
 

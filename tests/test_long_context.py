@@ -162,3 +162,36 @@ def test_prompt_lengths_up_to_32k_compile_at_most_16_programs():
     assert sampler.compiled_programs() - before <= 16
     with pytest.raises(ValueError, match="exceeds the context"):
         mj.generate(model, [[5] * 32767], max_new_tokens=2)
+
+
+@pytest.mark.parametrize("chunk", [0, 1024, 2048])
+def test_plan_prefill_activations_within_25_percent_of_xla(chunk):
+    """plan's count of one layer's live buffers against XLA's memory_analysis() of the compiled
+    prefill (tiny config, a 32,768-token prompt, the split layout `load` gives on CPU)."""
+    from mixtral_jax.model import split_layer
+    from mixtral_jax.plan import plan_memory
+
+    config = mj.MixtralConfig.tiny().replace(max_seq_len=32768)
+    params = {k: split_layer(v) if k.startswith("layers_") else v for k, v in mj.init_params(config).items()}
+    model = mj.Model(config, params)
+    b = sampler.prepare(model, [[5] * 32767], max_new_tokens=1, stop_tokens=[], prefill_chunk=chunk)
+    compiled = sampler._prefill_jit.lower(config, params, b.tokens, b.lengths, b.params, b.seeds, b.stop,
+                                          b.max_new, static=b.static).compile()
+    xla = compiled.memory_analysis().temp_size_in_bytes
+    planned = plan_memory(config, {"data": 1, "expert": 1, "tensor": 1}, dtype="float32", batch=1,
+                          prompt_len=32768, prefill_chunk=chunk)["prefill_activations"]
+    assert 0.75 <= planned / xla <= 1.25, (planned, xla)
+
+
+def test_plan_counts_the_int8_cache():
+    from mixtral_jax.plan import plan_memory
+
+    c = mj.MixtralConfig.mixtral_8x7b()
+    mesh = {"data": 1, "expert": 8, "tensor": 1}
+    bf16 = plan_memory(c, mesh, dtype="bfloat16", batch=8, max_seq_len=32768)
+    int8 = plan_memory(c, mesh, dtype="bfloat16", batch=8, max_seq_len=32768, kv_dtype="int8")
+    scales = 2 * c.n_layers * 8 * 32768 * c.n_kv_heads * 4
+    assert int8["kv_cache"] == bf16["kv_cache"] // 2 + scales and int8["kv_dtype"] == "int8"
+    chunked = plan_memory(c, mesh, dtype="bfloat16", prompt_len=32768, prefill_chunk=2048)
+    whole = plan_memory(c, mesh, dtype="bfloat16", prompt_len=32768)
+    assert chunked["prefill_activations"] * 8 < whole["prefill_activations"]

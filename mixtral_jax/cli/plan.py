@@ -22,8 +22,11 @@ def cmd_plan(args) -> int:
         config = mj.MixtralConfig.from_dict(info(args.checkpoint)["config"])
     sizes = parse_mesh(args.mesh)
     device_memory = parse_bytes(args.device_memory) if args.device_memory else None
+    if args.prefill_chunk is not None and args.prefill_chunk < 0:
+        raise UsageError(f"--prefill-chunk must be >= 0, got {args.prefill_chunk}")
     p = plan_memory(config, sizes, dtype=args.dtype, batch=args.batch, max_seq_len=args.max_seq_len,
-                    prompt_len=args.prompt_len, quantize=args.quantize)
+                    prompt_len=args.prompt_len, quantize=args.quantize, kv_dtype=args.kv_dtype,
+                    prefill_chunk=args.prefill_chunk)
     result = {"mesh": sizes, "devices": sizes["data"] * sizes["expert"] * sizes["tensor"], "dtype": args.dtype,
               "quantize": args.quantize,
               "batch": args.batch, "max_seq_len": args.max_seq_len or config.max_seq_len,
@@ -40,8 +43,9 @@ def cmd_plan(args) -> int:
     for group, n in p["weights"].items():
         print(f"  weights: {group:<14}{gb(n)}")
     print(f"  weights total         {gb(p['weights_total'])}")
-    print(f"  KV cache              {gb(p['kv_cache'])}")
-    print(f"  activations (peak)    {gb(p['activations'])}")
+    print(f"  KV cache ({p['kv_dtype']:<8})    {gb(p['kv_cache'])}")
+    print(f"  activations (peak)    {gb(p['activations'])}  (prefill step {gb(p['prefill_activations']).strip()}, "
+          f"decode step {gb(p['decode_activations']).strip()})")
     print(f"  total                 {gb(p['total'])}")
     if device_memory is not None:
         verdict = "fits" if result["fits"] else "does NOT fit"
@@ -68,6 +72,9 @@ def add_parsers(sub) -> None:
     plan.add_argument("--batch", type=int, default=1)
     plan.add_argument("--max-seq-len", type=int, help="KV cache tokens per row (default: the context)")
     plan.add_argument("--prompt-len", type=int, default=512, help="prefill length for the activation estimate")
+    plan.add_argument("--prefill-chunk", type=int, help="prompt tokens per prefill step (default: the whole prompt)")
+    plan.add_argument("--kv-dtype", choices=["float32", "bfloat16", "float16", "int8"],
+                      help="KV cache dtype (default: --dtype); int8 adds a float32 scale per token and head")
     plan.add_argument("--device-memory", help="e.g. 16GB: say whether the plan fits")
     plan.add_argument("--quantize", choices=["int8"], help="int8 expert and attention weights")
     plan.add_argument("--json", action="store_true")
