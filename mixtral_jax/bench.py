@@ -15,6 +15,10 @@ Definitions:
   implementation must read;
 - useful prefill FLOPs: 2 x (non-expert matmul parameters + top_k experts) per token, plus causal
   attention, plus the last position's lm_head.
+
+`--long` (`run_long`) instead times long prompts: prefill of 4k and 16k tokens, one warm-up and one
+timed run each, every measurement in a child process of its own that reports its peak RSS; this
+project (default attention and prefill chunk) beside HF with `attn_implementation="sdpa"`.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from .config import MixtralConfig
 from .model import Model, init_params
 
 PREFILL_LENGTHS = (16, 100, 512)
+LONG_LENGTHS = (4096, 16384)
 DECODE_BATCHES = (1, 8)
 DECODE_TOKENS = 32
 SWEEP = tuple(range(1, 513, 17)) + (512,)
@@ -188,35 +193,131 @@ def measure_rss(ckpt: str) -> int:
     return int(proc.stdout.strip().splitlines()[-1])
 
 
-def run(config_name: str = "small", runs: int = 5, with_hf: bool = True, seed: int = 0) -> dict[str, Any]:
-    """The whole benchmark; returns the report as a dict (see `format_report`)."""
-    if with_hf:
-        try:
-            import torch  # noqa: F401
-            import transformers  # noqa: F401
-        except ImportError:
-            raise ValueError("bench compares with HF transformers: pip install -e '.[dev]' "
-                             "(torch==2.13.0, transformers), or pass --no-hf") from None
+def long_child(side: str, folder: str, n: int) -> None:
+    """Child mode: prefill an n-token prompt (a warm-up, then one timed run); print
+    {"seconds", "peak_rss"} as JSON. side "jax": a project checkpoint; "hf": an HF folder, sdpa."""
+    import json
+
+    rng = np.random.default_rng(0)
+    if side == "jax":
+        from . import checkpoint
+        from .sampler import generate
+
+        model = checkpoint.load(folder, dtype="float32")
+        ids = [rng.integers(3, model.config.vocab_size, n).tolist()]
+
+        def once():
+            generate(model, ids, max_new_tokens=1, stop_tokens=[])
+    else:
+        import torch
+        import transformers
+
+        torch.set_num_threads(2)
+        model = transformers.MixtralForCausalLM.from_pretrained(folder, dtype=torch.float32,
+                                                                attn_implementation="sdpa").eval()
+        ids = torch.tensor(rng.integers(3, model.config.vocab_size, (1, n)))
+
+        def once():
+            with torch.inference_mode():
+                model(ids, logits_to_keep=1)
+    once()
+    seconds = _time(once)
+    with open("/proc/self/status", encoding="ascii") as f:
+        kib = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+    print(json.dumps({"seconds": seconds, "peak_rss": kib * 1024}))
+
+
+def _long_measure(side: str, folder: str, n: int) -> dict[str, Any]:
+    import json
+
+    proc = subprocess.run([sys.executable, "-m", "mixtral_jax.bench", "--long-child", side, folder, str(n)],
+                          capture_output=True, text=True)
+    if proc.returncode:
+        raise RuntimeError(f"long-prompt child failed (status {proc.returncode}): {proc.stderr[-500:]}")
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    return {"tok_s": n / r["seconds"], "seconds": r["seconds"], "peak_rss": r["peak_rss"]}
+
+
+def _require_hf() -> None:
+    try:
+        import torch  # noqa: F401
+        import transformers  # noqa: F401
+    except ImportError:
+        raise ValueError("bench compares with HF transformers: pip install -e '.[dev]' "
+                         "(torch==2.13.0, transformers), or pass --no-hf") from None
+
+
+def _with_checkpoints(config: MixtralConfig, seed: int, body: Callable[[str, str], None]) -> None:
+    """Random float32 weights written as an HF folder and converted; body(hf folder, checkpoint)."""
     from mixtral_convert import convert, write_folder
 
     from .checkpoint import param_items
 
-    config = MixtralConfig.preset(config_name)
-    report: dict[str, Any] = {"config": config_name, "machine": _machine(), "probes": machine_probes()}
     params = init_params(config, seed=seed)
     with tempfile.TemporaryDirectory(prefix="mixtral-jax-bench-") as tmp:
         hf_folder, ckpt = os.path.join(tmp, "hf"), os.path.join(tmp, "ckpt")
         write_folder(hf_folder, config, param_items(config, params), "hf", np.float32)
+        del params
         convert(hf_folder, ckpt)
+        body(hf_folder, ckpt)
+
+
+def run_long(config_name: str = "small", with_hf: bool = True, seed: int = 0,
+             lengths: tuple[int, ...] = LONG_LENGTHS) -> dict[str, Any]:
+    """Long-prompt prefill, this project beside HF (sdpa); the report's "long" key holds
+    {"jax": {n: {tok_s, seconds, peak_rss}}, "hf": {...}, "speedup_vs_hf": {n: x}}."""
+    if with_hf:
+        _require_hf()
+    config = MixtralConfig.preset(config_name)
+    if max(lengths) >= config.max_seq_len:
+        raise ValueError(f"prompts of {max(lengths)} tokens do not fit the {config_name} config's context "
+                         f"({config.max_seq_len})")
+    report: dict[str, Any] = {"config": config_name, "machine": _machine(), "probes": machine_probes()}
+    long: dict[str, Any] = {"lengths": list(lengths), "jax": {}}
+
+    def body(hf_folder, ckpt):
+        for n in lengths:
+            long["jax"][n] = _long_measure("jax", ckpt, n)
+            if with_hf:
+                long.setdefault("hf", {})[n] = _long_measure("hf", hf_folder, n)
+    _with_checkpoints(config, seed, body)
+    if with_hf:
+        long["speedup_vs_hf"] = {n: long["jax"][n]["tok_s"] / long["hf"][n]["tok_s"] for n in lengths}
+    report["long"] = long
+    return report
+
+
+def format_long(report: dict[str, Any]) -> str:
+    long, p = report["long"], report["probes"]
+    lines = [f"config {report['config']}, float32, long prompts (one warm-up, one timed run each)",
+             f"machine: read bandwidth {p['read_bandwidth'] / 1e9:.1f} GB/s, "
+             f"float32 matmul peak {p['matmul_peak'] / 1e9:.1f} GFLOP/s", "",
+             f"{'prefill':>10}{'mixtral_jax tok/s':>19}{'peak RSS':>11}{'HF sdpa tok/s':>15}{'peak RSS':>11}{'speedup':>9}"]
+    for n in long["lengths"]:
+        ours, hf = long["jax"][n], long.get("hf", {}).get(n, {})
+        lines.append(f"{n:>10}{ours['tok_s']:>19.1f}{ours['peak_rss'] / 1e9:>9.2f}GB"
+                     f"{hf.get('tok_s', float('nan')):>15.1f}{hf.get('peak_rss', float('nan')) / 1e9:>9.2f}GB"
+                     f"{long.get('speedup_vs_hf', {}).get(n, float('nan')):>8.2f}x")
+    return "\n".join(lines)
+
+
+def run(config_name: str = "small", runs: int = 5, with_hf: bool = True, seed: int = 0) -> dict[str, Any]:
+    """The whole benchmark; returns the report as a dict (see `format_report`)."""
+    if with_hf:
+        _require_hf()
+    config = MixtralConfig.preset(config_name)
+    report: dict[str, Any] = {"config": config_name, "machine": _machine(), "probes": machine_probes()}
+
+    def body(hf_folder, ckpt):
         from . import checkpoint
 
         model = checkpoint.load(ckpt, dtype="float32")
-        del params
         report["jax"] = bench_jax(model, runs)
         del model
         report["peak_rss_over_weights"] = measure_rss(ckpt) / (4 * _n_params(config))
         if with_hf:
             report["hf"] = bench_hf(hf_folder, config, runs)
+    _with_checkpoints(config, seed, body)
     _derive(report, config)
     return report
 
@@ -278,4 +379,8 @@ def format_report(report: dict[str, Any]) -> str:
 
 
 if __name__ == "__main__":
-    rss_child(sys.argv[2])  # `python -m mixtral_jax.bench --rss-child CKPT`, started by measure_rss
+    # Child modes, started by measure_rss and _long_measure.
+    if sys.argv[1] == "--rss-child":
+        rss_child(sys.argv[2])
+    else:
+        long_child(sys.argv[2], sys.argv[3], int(sys.argv[4]))

@@ -58,6 +58,10 @@ def cmd_bench(args) -> int:
 
     if args.runs < 1:
         raise UsageError(f"--runs must be >= 1, got {args.runs}")
+    if args.long:
+        report = bench.run_long(args.config, with_hf=not args.no_hf)
+        print(json.dumps(report, indent=2) if args.json else bench.format_long(report))
+        return 0
     report = bench.run(args.config, runs=args.runs, with_hf=not args.no_hf)
     print(json.dumps(report, indent=2) if args.json else bench.format_report(report))
     return 0
@@ -84,5 +88,7 @@ def add_parsers(sub) -> None:
     bench.add_argument("--config", choices=["small", "tiny"], default="small")
     bench.add_argument("--runs", type=int, default=5, help="timed runs per figure (median)")
     bench.add_argument("--no-hf", action="store_true", help="skip the HF transformers side")
+    bench.add_argument("--long", action="store_true",
+                       help="instead: prefill of 4k and 16k-token prompts (tok/s, peak RSS) beside HF with sdpa")
     bench.add_argument("--json", action="store_true")
     bench.set_defaults(func=cmd_bench)
