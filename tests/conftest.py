@@ -47,3 +47,13 @@ def hf_logits(model, tokens) -> np.ndarray:
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _free_compiled_programs():
+    """Drop JAX's compiled programs after each test module: the suite compiles thousands, and one
+    long-lived process holding them all was seen to abort inside XLA's compiler."""
+    yield
+    import jax
+
+    jax.clear_caches()

@@ -251,10 +251,14 @@ def test_greedy_with_openai_penalties_equals_a_numpy_loop(pair):
     presence, frequency = [0.8, -0.5], [0.5, 1.5]
     got = mj.generate(ours, prompts, max_new_tokens=20, presence_penalty=presence, frequency_penalty=frequency,
                       stop_tokens=[])
+    width = max(map(len, prompts)) + 20  # one padded shape: one compiled program for every step
     for r, prompt in enumerate(prompts):
         seq, counts = list(prompt), np.zeros(CONFIG.vocab_size)
         for _ in range(20):
-            logits = np.asarray(mj.forward(ours.config, ours.params, [seq]))[0, -1].astype(np.float64)
+            padded = np.zeros((1, width), np.int32)
+            padded[0, :len(seq)] = seq
+            logits = np.asarray(mj.forward(ours.config, ours.params, padded, lengths=[len(seq)]))
+            logits = logits[0, len(seq) - 1].astype(np.float64)
             token = int(np.argmax(logits - frequency[r] * counts - presence[r] * (counts > 0)))
             counts[token] += 1
             seq.append(token)

@@ -9,10 +9,10 @@ import logging
 import os
 import sys
 
-from . import convert, evals, generate, plan, routing, train
+from . import convert, evals, generate, plan, routing, serve, train
 from .common import PROG, Parser, UsageError, init_distributed
 
-_GROUPS = (convert, generate, evals, plan, train, routing)
+_GROUPS = (convert, generate, evals, serve, plan, train, routing)
 
 
 def build_parser() -> Parser:

@@ -1,0 +1,461 @@
+"""A continuous-batching engine: decode slots sharing one KV cache, requests joining and leaving
+between steps.
+
+Device side (three jitted programs, all compiled by `start` before it returns):
+- `prefill`: one chunk of one request's prompt into its slot's rows of the cache (the slot index is
+  traced, so one program serves every slot); at the last chunk, the first new token is sampled and
+  the slot starts decoding. Chunk sizes are powers of two from 16 up to `prefill_chunk`.
+- `decode`: one step for every slot; idle slots compute but write nothing (their length is 0), so
+  their cache rows and lengths stay as they are.
+- `release`: a slot stops decoding (stop string found on the host, or its client went away).
+
+Host side, one thread owns every JAX call: each iteration it drops cancelled requests, admits
+waiting requests into free slots, runs at most one prefill chunk (so running streams keep flowing
+while a long prompt is read), runs one decode step if any slot is decoding, and hands each new token
+to its request: the request detokenizes it in the context of its prompt, looks for stop strings and
+calls its `on_event` callback (from the engine thread: an asyncio server bridges with
+`loop.call_soon_threadsafe`).
+
+Sampling matches `mixtral_jax.generate` row for row: the same penalties and filters, and a row's
+random stream is its seed folded with its own token count, so a request's tokens do not depend on
+what shares the batch, and equal `generate`'s for the same prompt, parameters and seed.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import itertools
+import logging
+import threading
+import time
+from typing import Any, Callable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ..detokenize import IncrementalText
+from ..kvcache import init_cache
+from ..model import Model, decoder, lm_head
+from ..sampler import DEFAULT_EOS, SamplingParams, apply_penalties, bucket, sample
+
+log = logging.getLogger(__name__)
+
+TOP_LOGPROBS = 20  # alternatives computed every step (OpenAI allows up to 20)
+MIN_CHUNK = 16
+
+
+@flax.struct.dataclass
+class Slots:
+    """Everything a decode step reads and writes, one row per slot."""
+    cache: Any                 # KV cache with batch = slots
+    last: jax.Array            # [N] int32 the token fed to the next step
+    active: jax.Array          # [N] bool decoding
+    n_new: jax.Array           # [N] int32 tokens generated
+    max_new: jax.Array         # [N] int32 token budget
+    seeds: jax.Array           # [N] uint32
+    params: SamplingParams     # [N] each
+    counts: jax.Array          # [N, V] int32 generated-token counts (penalties)
+    in_prompt: jax.Array       # [N, V] bool (repetition penalty)
+
+
+@flax.struct.dataclass
+class StepOut:
+    """Per slot, what a step produced (host-visible)."""
+    token: jax.Array           # [N] int32
+    live: jax.Array            # [N] bool: a token was produced for this slot
+    done: jax.Array            # [N] bool: the slot stopped (stop token or budget)
+    logprob: jax.Array         # [N] float32, under the raw logits
+    top_ids: jax.Array         # [N, TOP_LOGPROBS] int32
+    top_logprobs: jax.Array    # [N, TOP_LOGPROBS] float32
+    routing: jax.Array         # [N, L, top_k] int32 experts at the position that produced the token
+
+
+def _empty_slots(config, n: int, max_len: int, kv_dtype) -> Slots:
+    z = lambda dt: jnp.zeros((n,), dt)  # noqa: E731
+    params = SamplingParams(z(jnp.float32), z(jnp.int32), jnp.ones((n,), jnp.float32), z(jnp.float32),
+                            jnp.ones((n,), jnp.float32), z(jnp.float32), z(jnp.float32))
+    return Slots(cache=init_cache(config, n, max_len, dtype=kv_dtype), last=z(jnp.int32), active=z(bool),
+                 n_new=z(jnp.int32), max_new=z(jnp.int32), seeds=z(jnp.uint32), params=params,
+                 counts=jnp.zeros((n, config.vocab_size), jnp.int32),
+                 in_prompt=jnp.zeros((n, config.vocab_size), bool))
+
+
+def _emit(logits, chosen, router_logits, top_k: int):
+    """logprob of `chosen`, the top alternatives and the experts, for rows of raw logits [B, V]."""
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    top_lp, top_ids = jax.lax.top_k(logp, TOP_LOGPROBS)
+    routing = jax.lax.top_k(router_logits, top_k)[1].astype(jnp.int32)            # [L, B, X]
+    return (jnp.take_along_axis(logp, chosen[:, None], axis=-1)[:, 0], top_ids.astype(jnp.int32), top_lp,
+            routing.transpose(1, 0, 2))
+
+
+def _prefill(config, params, slots: Slots, slot, tokens, n_valid, start, request: SamplingParams, seed,
+             max_new, stop, *, attention: str):
+    """One chunk of a prompt into row `slot`; the last chunk (start + n_valid = prompt length, known to
+    the caller through `max_new` > 0) samples the first token and starts the slot.
+
+    Args:
+      slot: int32 (traced); tokens: [C] the chunk (padded); n_valid: its valid tokens; start: the
+        prompt position it begins at; request: the request's SamplingParams as [1] arrays; seed:
+        [1] uint32; max_new: int32, 0 for a chunk that is not the last; stop: [n] stop tokens.
+    Returns:
+      (slots, StepOut for one row).
+    """
+    row = jax.tree.map(lambda a: jax.lax.dynamic_slice_in_dim(a, slot, 1, axis=0), slots.cache)
+    row["lengths"] = jnp.reshape(start, (1,)).astype(jnp.int32)
+    hidden, row, router_logits, _ = decoder(config, params, tokens[None], jnp.reshape(n_valid, (1,)), row,
+                                            attention=attention)
+    cache = jax.tree.map(lambda a, r: jax.lax.dynamic_update_slice_in_dim(a, r, slot, axis=0), slots.cache, row)
+    vocab = config.vocab_size
+    ids = jnp.where(jnp.arange(tokens.shape[0]) < n_valid, tokens, vocab)
+    prompt_row = jnp.where(start == 0, False, slots.in_prompt[slot]).at[ids].set(True, mode="drop")
+    last = n_valid - 1
+    logits = lm_head(params, hidden[0, last][None])                                  # [1, V]
+    key = jax.random.fold_in(jax.random.key(seed[0]), 0)[None]
+    counts0 = jnp.zeros((1, vocab), jnp.int32)
+    token = sample(apply_penalties(logits, request, counts0, prompt_row[None]), request, key)
+    lp, top_ids, top_lp, routing = _emit(logits, token, router_logits[:, :, last], config.top_k)
+    final = max_new > 0
+    done = jnp.isin(token, stop) | (max_new <= 1)
+    put = lambda a, v: a.at[slot].set(jnp.where(final, v, a[slot]))  # noqa: E731
+    new = slots.replace(
+        cache=cache, in_prompt=slots.in_prompt.at[slot].set(prompt_row), last=put(slots.last, token[0]),
+        active=put(slots.active, final & ~done[0]), n_new=put(slots.n_new, 1), max_new=put(slots.max_new, max_new),
+        seeds=put(slots.seeds, seed[0]),
+        params=jax.tree.map(lambda a, v: put(a, v[0]), slots.params, request),
+        counts=slots.counts.at[slot].set(jnp.where(final, jax.nn.one_hot(token[0], vocab, dtype=jnp.int32),
+                                                   slots.counts[slot])))
+    out = StepOut(token=token, live=final[None], done=(final & done[0])[None], logprob=lp, top_ids=top_ids,
+                  top_logprobs=top_lp, routing=routing)
+    return new, out
+
+
+def _decode(config, params, slots: Slots, stop, *, attention: str):
+    """One token for every decoding slot."""
+    live = slots.active
+    hidden, cache, router_logits, _ = decoder(config, params, slots.last[:, None], live.astype(jnp.int32),
+                                              slots.cache, attention=attention)
+    logits = lm_head(params, hidden[:, 0])                                            # [N, V]
+    keys = jax.vmap(lambda s, n: jax.random.fold_in(jax.random.key(s), n))(slots.seeds, slots.n_new)
+    token = sample(apply_penalties(logits, slots.params, slots.counts, slots.in_prompt), slots.params, keys)
+    lp, top_ids, top_lp, routing = _emit(logits, token, router_logits[:, :, 0], config.top_k)
+    n_new = slots.n_new + live
+    done = live & (jnp.isin(token, stop) | (n_new >= slots.max_new))
+    rows = jnp.arange(token.shape[0])
+    new = slots.replace(cache=cache, last=jnp.where(live, token, slots.last), active=live & ~done, n_new=n_new,
+                        counts=slots.counts.at[rows, token].add(live.astype(jnp.int32)))
+    return new, StepOut(token=token, live=live, done=done, logprob=lp, top_ids=top_ids, top_logprobs=top_lp,
+                        routing=routing)
+
+
+def _release(slots: Slots, slot):
+    return slots.replace(active=slots.active.at[slot].set(False))
+
+
+@dataclasses.dataclass
+class Options:
+    """One request's sampling settings (validated by `Engine.submit`)."""
+    max_new_tokens: int
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int = 0
+    stop: tuple[str, ...] = ()           # stop strings (the text ends before the first one found)
+
+
+@dataclasses.dataclass
+class Event:
+    """A request's progress, handed to its `on_event`: one per new token, then a final one."""
+    text: str = ""                       # text that became final with this token (may be "")
+    token: int | None = None
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] | None = None
+    routing: list[list[int]] | None = None
+    finish_reason: str | None = None     # set on the final event: "stop" | "length" | "cancelled" | "error"
+    error: str | None = None
+
+
+class Request:
+    """A submitted request; `tokens`, `text` and `finish_reason` fill in as it runs."""
+
+    def __init__(self, rid: int, prompt: list[int], options: Options, on_event: Callable[[Event], None],
+                 tokenizer):
+        self.id = rid
+        self.prompt = prompt
+        self.options = options
+        self.on_event = on_event
+        self.tokens: list[int] = []
+        self.text = ""
+        self.finish_reason: str | None = None
+        self.submitted = time.perf_counter()
+        self.first_token_at: float | None = None
+        self._detok = IncrementalText(tokenizer, prompt) if tokenizer is not None else None
+        self._held = ""                  # text held back while it could still start a stop string
+        self._hold = max((len(s) for s in options.stop), default=1) - 1
+        self.prefilled = 0               # prompt tokens already in the cache
+        self.slot: int | None = None
+
+    def _accept(self, token: int, lp, top, routing) -> bool:
+        """Record one token; emit its event; True when a stop string ended the request."""
+        self.tokens.append(token)
+        if self.first_token_at is None:
+            self.first_token_at = time.perf_counter()
+        piece = self._detok.add(token) if self._detok is not None else ""
+        stopped, piece = self._release_text(piece, final=False)
+        self.on_event(Event(text=piece, token=token, logprob=lp, top_logprobs=top, routing=routing))
+        return stopped
+
+    def _release_text(self, piece: str, final: bool) -> tuple[bool, str]:
+        """Add `piece` to the held text; return (a stop string was found, text now safe to emit)."""
+        held = self._held + piece
+        for s in self.options.stop:
+            at = held.find(s)
+            if at >= 0:
+                self._held = ""
+                self.text += held[:at]
+                return True, held[:at]
+        keep = 0 if final else min(self._hold, len(held))
+        out, self._held = held[:len(held) - keep], held[len(held) - keep:]
+        self.text += out
+        return False, out
+
+    def _finish(self, reason: str, error: str | None = None) -> None:
+        if self.finish_reason is not None:
+            return
+        tail = ""
+        if reason in ("length", "stop") and self._detok is not None:
+            stopped, tail = self._release_text(self._detok.flush(), final=True)
+            reason = "stop" if stopped else reason
+        self.finish_reason = reason
+        self.on_event(Event(text=tail, finish_reason=reason, error=error))
+
+
+class QueueFull(Exception):
+    """The waiting queue is at `max_queue`."""
+
+
+class Engine:
+    """Continuous batching over `slots` decode slots (see the module docstring).
+
+    Args:
+      model: a loaded Model (its tokenizer detokenizes; without one, events carry no text).
+      slots: requests decoded together.
+      max_seq_len: cache slots per request (prompt + new tokens); default the model's context.
+      prefill_chunk: prompt tokens per prefill step (a power of two >= 16).
+      max_queue: requests waiting for a slot before `submit` raises QueueFull.
+      kv_dtype: KV cache dtype (None: the parameters').
+      attention: the attention implementation.
+      stop_tokens: token ids that end a request (default: the tokenizer's EOS).
+    """
+
+    def __init__(self, model: Model, *, slots: int = 8, max_seq_len: int | None = None, prefill_chunk: int = 512,
+                 max_queue: int = 64, kv_dtype=None, attention: str = "auto", stop_tokens=None):
+        config = model.config
+        self.model, self.config = model, config
+        self.n_slots = int(slots)
+        self.max_seq_len = int(max_seq_len or config.max_seq_len)
+        if self.n_slots < 1:
+            raise ValueError(f"slots must be >= 1, got {slots}")
+        if not 1 < self.max_seq_len <= config.max_seq_len:
+            raise ValueError(f"max_seq_len must be in [2, {config.max_seq_len}], got {max_seq_len}")
+        if prefill_chunk < MIN_CHUNK or prefill_chunk & (prefill_chunk - 1):
+            raise ValueError(f"prefill_chunk must be a power of two >= {MIN_CHUNK}, got {prefill_chunk}")
+        self.chunk = min(int(prefill_chunk), bucket(self.max_seq_len))
+        self.max_queue = int(max_queue)
+        self.kv_dtype = kv_dtype or model.params["embed"].dtype
+        self.attention = attention
+        if stop_tokens is None:
+            stop_tokens = [model.tokenizer.eos_id if model.tokenizer is not None else DEFAULT_EOS]
+        stop = np.asarray(list(stop_tokens), np.int32).reshape(-1)
+        self.stop = np.pad(stop, (0, bucket(stop.size, 4) - stop.size), constant_values=-1)
+        self._prefill = jax.jit(_prefill, static_argnums=(0,), static_argnames=("attention",), donate_argnums=(2,))
+        self._decode = jax.jit(_decode, static_argnums=(0,), static_argnames=("attention",), donate_argnums=(2,))
+        self._release = jax.jit(_release, donate_argnums=(0,))
+        self._slots: Slots | None = None
+        self._ids = itertools.count()
+        self._lock = threading.Condition()
+        self._waiting: collections.deque[Request] = collections.deque()
+        self._cancelled: set[int] = set()
+        self._running: dict[int, Request] = {}      # slot -> request (prefilling or decoding)
+        self._thread: threading.Thread | None = None
+        self._stop = False
+        self.ready = False
+
+    # ---- public API ----
+
+    def start(self) -> None:
+        """Compile every program (warm-up) and start the engine thread."""
+        # Committed to the parameters' device like every later state (outputs of the jitted steps): an
+        # uncommitted one would key the warm-up's programs differently from those serving calls.
+        device = next(iter(self.model.params["embed"].devices()))
+        self._slots = jax.device_put(_empty_slots(self.config, self.n_slots, self.max_seq_len, self.kv_dtype), device)
+        self._warm_up()
+        self._thread = threading.Thread(target=self._loop, name="mixtral-jax-engine", daemon=True)
+        self._thread.start()
+        self.ready = True
+
+    def shutdown(self) -> None:
+        """Stop the engine thread; waiting and running requests end as "cancelled"."""
+        with self._lock:
+            self._stop = True
+            self._lock.notify()
+        if self._thread is not None:
+            self._thread.join()
+        for r in list(self._waiting) + list(self._running.values()):
+            r._finish("cancelled")
+
+    def submit(self, prompt: list[int], options: Options, on_event: Callable[[Event], None]) -> Request:
+        """Queue a request (token ids, BOS included if wanted). ValueError for invalid values (checked
+        now, on the host), QueueFull when `max_queue` requests are already waiting."""
+        self._check(prompt, options)
+        with self._lock:
+            if len(self._waiting) >= self.max_queue:
+                raise QueueFull(f"{len(self._waiting)} requests are waiting (--max-queue {self.max_queue})")
+            req = Request(next(self._ids), list(prompt), options, on_event, self.model.tokenizer)
+            self._waiting.append(req)
+            self._lock.notify()
+        return req
+
+    def cancel(self, req: Request) -> None:
+        """End a request (e.g. its client went away); its slot is freed before the next step."""
+        with self._lock:
+            self._cancelled.add(req.id)
+            self._lock.notify()
+
+    def generate(self, prompt: list[int], options: Options, timeout: float | None = None) -> Request:
+        """Submit and wait: the finished request (`tokens`, `text`, `finish_reason`)."""
+        done = threading.Event()
+        req = self.submit(prompt, options, lambda e: done.set() if e.finish_reason else None)
+        if not done.wait(timeout):
+            self.cancel(req)
+            raise TimeoutError(f"request {req.id} did not finish in {timeout} s")
+        return req
+
+    def counts(self) -> dict[str, int]:
+        """{"waiting", "running", "slots_used"} now."""
+        with self._lock:
+            return {"waiting": len(self._waiting), "running": len(self._running), "slots_used": len(self._running)}
+
+    # ---- checks ----
+
+    def _check(self, prompt, options: Options) -> None:
+        from ..sampler import prepare
+
+        if not prompt:
+            raise ValueError("the prompt is empty")
+        total = len(prompt) + options.max_new_tokens
+        if total > self.max_seq_len:
+            raise ValueError(f"prompt ({len(prompt)} tokens) + max_tokens ({options.max_new_tokens}) = {total} "
+                             f"exceeds the context ({self.max_seq_len})")
+        prepare(self.model, [prompt], max_new_tokens=options.max_new_tokens, temperature=options.temperature,
+                top_k=options.top_k, top_p=options.top_p, min_p=options.min_p,
+                repetition_penalty=options.repetition_penalty, presence_penalty=options.presence_penalty,
+                frequency_penalty=options.frequency_penalty, seed=options.seed, prefill_chunk=None)
+
+    # ---- engine thread ----
+
+    def _chunks(self) -> list[int]:
+        sizes, c = [], MIN_CHUNK
+        while c <= self.chunk:
+            sizes.append(c)
+            c *= 2
+        return sizes
+
+    def _warm_up(self) -> None:
+        """Compile prefill at every chunk size, decode and release, on slot 0 (left empty)."""
+        start = time.perf_counter()
+        opts = Options(max_new_tokens=2, temperature=1.0, top_k=5)
+        for size in self._chunks():
+            self._run_prefill(0, np.ones(size, np.int32), size, 0, opts, final=True)
+        self._slots, _ = self._decode(self.config, self.model.params, self._slots, self.stop, attention=self.attention)
+        self._slots = self._release(self._slots, np.int32(0))
+        jax.block_until_ready(self._slots.active)
+        log.info("engine warm: %d prefill sizes, decode and release compiled in %.1f s",
+                 len(self._chunks()), time.perf_counter() - start)
+
+    def _run_prefill(self, slot: int, tokens: np.ndarray, n_valid: int, start: int, o: Options, final: bool):
+        request = SamplingParams(*(np.asarray([v], dt) for v, dt in (
+            (o.temperature, np.float32), (o.top_k, np.int32), (o.top_p, np.float32), (o.min_p, np.float32),
+            (o.repetition_penalty, np.float32), (o.presence_penalty, np.float32),
+            (o.frequency_penalty, np.float32))))
+        self._slots, out = self._prefill(
+            self.config, self.model.params, self._slots, np.int32(slot), tokens, np.int32(n_valid), np.int32(start),
+            request, np.asarray([o.seed], np.uint32), np.int32(o.max_new_tokens if final else 0), self.stop,
+            attention=self.attention)
+        return out
+
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                while not (self._stop or self._waiting or self._running or self._cancelled):
+                    self._lock.wait()
+                if self._stop:
+                    return
+                cancelled, self._cancelled = self._cancelled, set()
+                for req in [r for r in self._waiting if r.id in cancelled]:
+                    self._waiting.remove(req)
+                    req._finish("cancelled")
+                free = [s for s in range(self.n_slots) if s not in self._running]
+                while free and self._waiting:
+                    req = self._waiting.popleft()
+                    req.slot = free.pop(0)
+                    self._running[req.slot] = req
+            try:
+                for slot, req in list(self._running.items()):
+                    if req.id in cancelled:
+                        self._end(slot, "cancelled", release=True)
+                self._prefill_one()
+                if any(r.prefilled == len(r.prompt) for r in self._running.values()):
+                    self._decode_all()
+            except Exception as e:  # noqa: BLE001 - every running request learns of it; the engine goes on
+                log.exception("engine step failed")
+                for slot in list(self._running):
+                    self._end(slot, "error", f"{type(e).__name__}: {e}", release=True)
+
+    def _prefill_one(self) -> None:
+        """At most one chunk of the oldest request still reading its prompt."""
+        todo = [r for r in self._running.values() if r.prefilled < len(r.prompt)]
+        if not todo:
+            return
+        req = min(todo, key=lambda r: r.id)
+        left = len(req.prompt) - req.prefilled
+        n = min(left, self.chunk)
+        size = self.chunk if left > self.chunk else max(MIN_CHUNK, bucket(n))
+        tokens = np.zeros(size, np.int32)
+        tokens[:n] = req.prompt[req.prefilled:req.prefilled + n]
+        final = n == left
+        out = self._run_prefill(req.slot, tokens, n, req.prefilled, req.options, final)
+        req.prefilled += n
+        if final:
+            self._deliver({req.slot: req}, jax.device_get(out), rows=[0])
+
+    def _decode_all(self) -> None:
+        self._slots, out = self._decode(self.config, self.model.params, self._slots, self.stop, attention=self.attention)
+        decoding = {s: r for s, r in self._running.items() if r.prefilled == len(r.prompt)}
+        self._deliver(decoding, jax.device_get(out), rows=None)
+
+    def _deliver(self, reqs: dict[int, Request], out: StepOut, rows) -> None:
+        """Hand each live row's token to its request; end the requests that finished."""
+        for slot, req in reqs.items():
+            r = slot if rows is None else rows[0]
+            if not out.live[r] or req.finish_reason is not None:
+                continue
+            top = [(int(i), float(lp)) for i, lp in zip(out.top_ids[r], out.top_logprobs[r])]
+            if req._accept(int(out.token[r]), float(out.logprob[r]), top, out.routing[r].tolist()):
+                self._end(slot, "stop", release=not out.done[r])        # a stop string
+            elif out.done[r]:
+                self._end(slot, "stop" if int(out.token[r]) in self.stop else "length")
+
+    def _end(self, slot: int, reason: str, error: str | None = None, release: bool = False) -> None:
+        """Finish the slot's request; `release` when the device may still be decoding the slot."""
+        req = self._running.pop(slot)
+        if release:
+            self._slots = self._release(self._slots, np.int32(slot))
+        req._finish(reason, error)

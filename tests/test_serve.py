@@ -1,0 +1,281 @@
+"""`mixtral-jax serve` as a subprocess on 127.0.0.1, driven by the official openai client and httpx."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import numpy as np
+import pytest
+
+import mixtral_jax as mj
+from mixtral_jax.checkpoint import demo_model_path, save
+from mixtral_jax.detokenize import text_in_context
+
+openai = pytest.importorskip("openai")
+
+STARTUP_S = 600
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(*args):
+    """Start `mixtral-jax serve ARGS` on a free port; wait (bounded) for /health; return (url, process)."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "mixtral_jax.cli", "serve", "--port", str(port), *map(str, args)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + STARTUP_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}: {proc.stderr.read()[-2000:]}")
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return url, proc
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    stop_server(proc)
+    raise RuntimeError(f"server not healthy within {STARTUP_S} s")
+
+
+def stop_server(proc) -> None:
+    os.kill(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def demo():
+    """The demo model behind a 2-slot server; (url, Model)."""
+    url, proc = start_server("--slots", 2, "--prefill-chunk", 64)
+    try:
+        yield url, mj.load(demo_model_path())
+    finally:
+        stop_server(proc)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny random model with the real tokenizer behind a 1-slot server queueing at most 1 request."""
+    config = mj.MixtralConfig.tiny().replace(vocab_size=32000, max_seq_len=4096)
+    path = tmp_path_factory.mktemp("tiny") / "tiny-random"
+    save(str(path), config, mj.init_params(config, seed=3), tokenizer=mj.Tokenizer().path)
+    url, proc = start_server("--checkpoint", path, "--slots", 1, "--max-queue", 1, "--prefill-chunk", 16)
+    try:
+        yield url, mj.load(path)
+    finally:
+        stop_server(proc)
+
+
+def client(url):
+    return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def metric(url, name) -> float:
+    for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            return float(line.rsplit(" ", 1)[1])
+    raise KeyError(name)
+
+
+def greedy_text(model, ids, n):
+    new = mj.generate(model, [ids], max_new_tokens=n)[0]
+    return text_in_context(model.tokenizer, ids, new), new
+
+
+def test_completion_chat_stream_usage_and_n(demo):
+    url, model = demo
+    c = client(url)
+    tok = model.tokenizer
+    prompt = "def fibonacci(n):"
+    want, new = greedy_text(model, tok.encode(prompt), 24)
+    got = c.completions.create(model="demo", prompt=prompt, max_tokens=24, temperature=0)
+    assert got.object == "text_completion" and got.choices[0].text == want
+    assert got.usage.prompt_tokens == len(tok.encode(prompt)) and got.usage.completion_tokens == len(new)
+    stream = list(c.completions.create(model="demo", prompt=prompt, max_tokens=24, temperature=0, stream=True,
+                                       stream_options={"include_usage": True}))
+    assert "".join(ch.choices[0].text for ch in stream if ch.choices) == want
+    assert stream[-1].choices == [] and stream[-1].usage.completion_tokens == len(new)
+    assert [ch.choices[0].finish_reason for ch in stream if ch.choices][-1] == "length"
+    ids = c.completions.create(model="demo", prompt=tok.encode(prompt), max_tokens=24, temperature=0)
+    assert ids.choices[0].text == want  # a token-id prompt (BOS included by the caller)
+
+    messages = [{"role": "user", "content": "Write a function"}]
+    chat_ids = tok.encode_chat(messages)
+    want_chat, _ = greedy_text(model, chat_ids, 20)
+    got = c.chat.completions.create(model="demo", messages=messages, max_tokens=20, temperature=0)
+    assert got.object == "chat.completion" and got.choices[0].message.content == want_chat
+    assert got.choices[0].message.role == "assistant" and got.usage.prompt_tokens == len(chat_ids)
+    chunks = list(c.chat.completions.create(model="demo", messages=messages, max_tokens=20, temperature=0,
+                                            stream=True))
+    assert chunks[0].choices[0].delta.role == "assistant" and chunks[0].choices[0].delta.content == ""
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks) == want_chat
+    assert all(ch.object == "chat.completion.chunk" for ch in chunks)
+
+    two = c.completions.create(model="demo", prompt=prompt, max_tokens=12, temperature=1.0, seed=5, n=2)
+    assert [ch.index for ch in two.choices] == [0, 1] and all(ch.finish_reason for ch in two.choices)
+    sampled = mj.generate(model, [tok.encode(prompt)] * 2, max_new_tokens=12, temperature=1.0, seed=[5, 6])
+    assert [ch.text for ch in two.choices] == [text_in_context(tok, tok.encode(prompt), s) for s in sampled]
+    assert two.usage.completion_tokens == sum(map(len, sampled))  # choice i samples with seed + i
+
+
+def test_logprobs_and_routing(demo):
+    url, model = demo
+    c = client(url)
+    got = c.completions.create(model="demo", prompt="import os", max_tokens=6, temperature=0, logprobs=3)
+    lp = got.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == 6
+    assert all(len(t) == 3 for t in lp.top_logprobs) and all(v <= 0 for v in lp.token_logprobs)
+    ids = model.tokenizer.encode("import os")
+    _, ref = mj.generate(model, [ids], max_new_tokens=6, logprobs=True)
+    np.testing.assert_allclose(lp.token_logprobs, ref[0], atol=1e-4)
+    chat = c.chat.completions.create(model="demo", messages=[{"role": "user", "content": "hi"}], max_tokens=4,
+                                     temperature=0, logprobs=True, top_logprobs=2)
+    content = chat.choices[0].logprobs.content
+    assert len(content) == 4 and all(len(t.top_logprobs) == 2 for t in content)
+    raw = httpx.post(f"{url}/v1/completions", json={"model": "demo", "prompt": "import os", "max_tokens": 5,
+                                                    "temperature": 0, "return_routing": True}, timeout=60).json()
+    routing = raw["choices"][0]["routing"]
+    assert len(routing) == 5 and all(len(step) == model.config.n_layers for step in routing)
+    assert all(len(set(pair)) == 2 and all(0 <= e < 8 for e in pair) for step in routing for pair in step)
+
+
+def test_concurrent_streams_equal_requests_alone_and_nothing_compiles(demo):
+    url, model = demo
+    c = client(url)
+    compiled = metric(url, "mixtral_jax_compilations_total")
+    prompts = ["def fibonacci(n):", "import os\nimport sys\n\n\ndef main(argv):\n    " * 3, "class Stack:",
+               "x = " + "1 + " * 60 + "1"]
+    lengths = [20, 7, 31, 12]
+    alone = [c.completions.create(model="demo", prompt=p, max_tokens=n, temperature=0).choices[0].text
+             for p, n in zip(prompts, lengths)]
+    results = [None] * 4
+
+    def run(i):
+        stream = c.completions.create(model="demo", prompt=prompts[i], max_tokens=lengths[i], temperature=0, stream=True)
+        results[i] = "".join(ch.choices[0].text for ch in stream if ch.choices)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert results == alone
+    assert metric(url, "mixtral_jax_compilations_total") == compiled
+
+
+def test_disconnect_frees_the_slot(demo):
+    url, model = demo
+    body = {"model": "demo", "prompt": "def fibonacci(n):", "max_tokens": 400, "temperature": 0, "stream": True}
+    with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as r:
+        for line in r.iter_lines():
+            if line.startswith("data:"):
+                break  # the first chunk, then go away
+    deadline = time.monotonic() + 2.0
+    while metric(url, "mixtral_jax_slots_used") > 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert metric(url, "mixtral_jax_slots_used") == 0
+    want, _ = greedy_text(model, model.tokenizer.encode("import os"), 10)
+    assert client(url).completions.create(model="demo", prompt="import os", max_tokens=10,
+                                          temperature=0).choices[0].text == want
+
+
+def test_stop_string_across_a_token_boundary_never_leaks(demo):
+    url, model = demo
+    tok = model.tokenizer
+    ids = tok.encode("def fibonacci(n):")
+    new = mj.generate(model, [ids], max_new_tokens=40)[0]
+    pieces = [text_in_context(tok, ids + new[:i], new[i:i + 1]) for i in range(len(new))]
+    i = next(i for i in range(3, len(pieces) - 1) if pieces[i].strip() and pieces[i + 1].strip())
+    stop = pieces[i][-2:] + pieces[i + 1][:2]          # spans the boundary between tokens i and i+1
+    full = "".join(pieces)
+    before = full[:full.index(stop)]
+    c = client(url)
+    got = c.completions.create(model="demo", prompt="def fibonacci(n):", max_tokens=40, temperature=0, stop=[stop])
+    assert got.choices[0].text == before and got.choices[0].finish_reason == "stop"
+    chunks = [ch.choices[0].text for ch in c.completions.create(model="demo", prompt="def fibonacci(n):",
+                                                                  max_tokens=40, temperature=0, stop=stop, stream=True)
+              if ch.choices]
+    assert "".join(chunks) == before
+
+
+BAD = [  # (endpoint, body or raw string, status, param)
+    ("completions", "{not json", 400, None),
+    ("completions", {"prompt": "hi"}, 400, "model"),
+    ("completions", {"model": "demo"}, 400, "prompt"),
+    ("completions", {"model": "demo", "prompt": 5}, 400, "prompt"),
+    ("completions", {"model": "demo", "prompt": "hi", "max_tokens": 0}, 400, "max_tokens"),
+    ("completions", {"model": "demo", "prompt": "hi", "max_tokens": "many"}, 400, "max_tokens"),
+    ("completions", {"model": "demo", "prompt": "hi", "temperature": -0.5}, 400, "temperature"),
+    ("completions", {"model": "demo", "prompt": "hi", "top_p": 0}, 400, "top_p"),
+    ("completions", {"model": "demo", "prompt": "hi", "top_p": 1.5}, 400, "top_p"),
+    ("completions", {"model": "demo", "prompt": "hi", "n": 0}, 400, "n"),
+    ("completions", {"model": "demo", "prompt": "hi", "max_tokens": 600}, 400, "max_tokens"),
+    ("completions", {"model": "demo", "prompt": "hi", "logprobs": 9}, 400, "logprobs"),
+    ("completions", {"model": "demo", "prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
+    ("completions", {"model": "demo", "prompt": "hi", "presence_penalty": 3}, 400, "presence_penalty"),
+    ("completions", {"model": "nope", "prompt": "hi"}, 404, "model"),
+    ("chat/completions", {"model": "demo", "messages": []}, 400, "messages"),
+    ("chat/completions", {"model": "demo", "messages": [{"role": "user", "content": "a"},
+                                                        {"role": "assistant", "content": "b"}]}, 400, "messages"),
+    ("chat/completions", {"model": "demo", "messages": [{"role": "user", "content": "a"}], "logprobs": "yes"},
+     400, "logprobs"),
+    ("chat/completions", {"model": "demo", "messages": [{"role": "user", "content": "a"}], "logprobs": True,
+                          "top_logprobs": 21}, 400, "top_logprobs"),
+    ("chat/completions", {"model": "demo", "messages": [{"role": "user"}]}, 400, "messages"),
+]
+
+
+def test_malformed_requests_get_the_right_errors_and_the_server_keeps_serving(demo):
+    url, model = demo
+    for endpoint, body, status, param in BAD:
+        kw = {"content": body, "headers": {"content-type": "application/json"}} if isinstance(body, str) else {"json": body}
+        r = httpx.post(f"{url}/v1/{endpoint}", timeout=30, **kw)
+        assert r.status_code == status, (body, r.text)
+        err = r.json()["error"]
+        assert set(err) == {"message", "type", "param", "code"} and err["message"], (body, err)
+        assert err["param"] == param, (body, err)
+    with pytest.raises(openai.NotFoundError):
+        client(url).completions.create(model="other", prompt="hi")
+    with pytest.raises(openai.BadRequestError):
+        client(url).completions.create(model="demo", prompt="hi", max_tokens=-1)
+    want, _ = greedy_text(model, model.tokenizer.encode("import os"), 8)
+    assert client(url).completions.create(model="demo", prompt="import os", max_tokens=8,
+                                          temperature=0).choices[0].text == want
+    assert httpx.get(f"{url}/v1/models", timeout=10).json()["data"][0]["id"] == "demo"
+
+
+def test_tiny_model_and_a_full_queue(tiny):
+    url, model = tiny
+    c = client(url)
+    want, _ = greedy_text(model, model.tokenizer.encode("Hello"), 10)
+    assert c.completions.create(model="tiny-random", prompt="Hello", max_tokens=10, temperature=0).choices[0].text == want
+    # Thousands of tokens: the first request holds the only slot for seconds.
+    body = {"model": "tiny-random", "prompt": "Hello", "max_tokens": 4000, "temperature": 0, "stream": True}
+    with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as first:
+        lines = first.iter_lines()  # kept: a dropped iterator closes the stream, and the server cancels
+        next(lines)                                               # holds the only slot
+        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as second:  # waits
+            deadline = time.monotonic() + 10
+            while metric(url, "mixtral_jax_requests_waiting") < 1 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            third = httpx.post(f"{url}/v1/completions", json={**body, "stream": False}, timeout=30)
+            assert third.status_code == 429 and third.json()["error"]["code"] == "queue_full"
+            assert second.status_code == 200
+    deadline = time.monotonic() + 5
+    while metric(url, "mixtral_jax_slots_used") > 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert c.completions.create(model="tiny-random", prompt="Hello", max_tokens=10, temperature=0).choices[0].text == want
