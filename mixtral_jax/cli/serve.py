@@ -27,7 +27,7 @@ def cmd_serve(args) -> int:
                                os.path.basename(os.path.normpath(args.checkpoint)))
     engine = Engine(model, slots=args.slots, max_seq_len=args.max_seq_len, prefill_chunk=args.prefill_chunk,
                     max_queue=args.max_queue, kv_dtype=args.kv_dtype, attention=args.attention,
-                    stop_tokens=model.generation_config_kwargs().get("stop_tokens"))
+                    stop_tokens=[] if args.ignore_eos else model.generation_config_kwargs().get("stop_tokens"))
     serve(engine, name, args.host, args.port)
     return 0
 
@@ -49,4 +49,6 @@ def add_parsers(sub) -> None:
                     help="prompt tokens per prefill step, a power of two >= 16 (default 512)")
     sv.add_argument("--kv-dtype", choices=DTYPES, help="KV cache dtype (default: the model's)")
     sv.add_argument("--attention", choices=IMPLEMENTATIONS, default="auto")
+    sv.add_argument("--ignore-eos", action="store_true",
+                    help="no stop tokens: every request runs to max_tokens or a stop string (load benchmarks)")
     sv.set_defaults(func=cmd_serve)

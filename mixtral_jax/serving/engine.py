@@ -10,9 +10,10 @@ Device side (three jitted programs, all compiled by `start` before it returns):
 - `release`: a slot stops decoding (stop string found on the host, or its client went away).
 
 Host side, one thread owns every JAX call: each iteration it drops cancelled requests, admits
-waiting requests into free slots, runs at most one prefill chunk (so running streams keep flowing
-while a long prompt is read), runs one decode step if any slot is decoding, and hands each new token
-to its request: the request detokenizes it in the context of its prompt, looks for stop strings and
+waiting requests into free slots (first come, first served), runs at most one prefill chunk (of the
+request with the fewest prompt tokens left: running streams keep flowing while a long prompt is read,
+and a short prompt does not wait for it), dispatches one decode step if any slot is decoding, and
+hands the previous step's tokens to their requests (so the device computes while the host works): the request detokenizes it in the context of its prompt, looks for stop strings and
 calls its `on_event` callback (from the engine thread: an asyncio server bridges with
 `loop.call_soon_threadsafe`).
 
@@ -392,7 +393,13 @@ class Engine:
         return out
 
     def _loop(self) -> None:
+        pending = None  # the last decode step dispatched, delivered after the next one is dispatched
         while True:
+            with self._lock:
+                idle = not (self._stop or self._waiting or self._running or self._cancelled)
+            if idle and pending is not None:
+                self._deliver(*pending)
+                pending = None
             with self._lock:
                 while not (self._stop or self._waiting or self._running or self._cancelled):
                     self._lock.wait()
@@ -412,19 +419,24 @@ class Engine:
                     if req.id in cancelled:
                         self._end(slot, "cancelled", release=True)
                 self._prefill_one()
-                if any(r.prefilled == len(r.prompt) for r in self._running.values()):
-                    self._decode_all()
+                dispatched = self._dispatch_decode()
+                if pending is not None:
+                    self._deliver(*pending)
+                pending = dispatched
             except Exception as e:  # noqa: BLE001 - every running request learns of it; the engine goes on
                 log.exception("engine step failed")
+                pending = None
                 for slot in list(self._running):
                     self._end(slot, "error", f"{type(e).__name__}: {e}", release=True)
 
     def _prefill_one(self) -> None:
-        """At most one chunk of the oldest request still reading its prompt."""
+        """At most one chunk, of the request with the fewest prompt tokens left to read (then the
+        oldest): a short prompt arriving behind a long one starts streaming after one chunk, not
+        after the whole long prompt."""
         todo = [r for r in self._running.values() if r.prefilled < len(r.prompt)]
         if not todo:
             return
-        req = min(todo, key=lambda r: r.id)
+        req = min(todo, key=lambda r: (len(r.prompt) - r.prefilled, r.id))
         left = len(req.prompt) - req.prefilled
         n = min(left, self.chunk)
         size = self.chunk if left > self.chunk else max(MIN_CHUNK, bucket(n))
@@ -434,15 +446,23 @@ class Engine:
         out = self._run_prefill(req.slot, tokens, n, req.prefilled, req.options, final)
         req.prefilled += n
         if final:
-            self._deliver({req.slot: req}, jax.device_get(out), rows=[0])
+            self._deliver({req.slot: req}, out, rows=[0])
 
-    def _decode_all(self) -> None:
-        self._slots, out = self._decode(self.config, self.model.params, self._slots, self.stop, attention=self.attention)
+    def _dispatch_decode(self):
+        """Start a decode step (JAX dispatches asynchronously); returns what `_deliver` takes, or None.
+
+        Its tokens are read only after the next step has been dispatched, so the device never waits
+        for the host's detokenizing. A request the host ends meanwhile (a stop string, a cancel) may
+        get one more token computed, which is dropped: its request has finished."""
         decoding = {s: r for s, r in self._running.items() if r.prefilled == len(r.prompt)}
-        self._deliver(decoding, jax.device_get(out), rows=None)
+        if not decoding:
+            return None
+        self._slots, out = self._decode(self.config, self.model.params, self._slots, self.stop, attention=self.attention)
+        return decoding, out, None
 
     def _deliver(self, reqs: dict[int, Request], out: StepOut, rows) -> None:
         """Hand each live row's token to its request; end the requests that finished."""
+        out = jax.device_get(out)
         for slot, req in reqs.items():
             r = slot if rows is None else rows[0]
             if not out.live[r] or req.finish_reason is not None:
