@@ -133,25 +133,38 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(args_list: list[str]):
+def start_server(args_list: list, timeout: float = 1200):
+    """Start `mixtral-jax serve ARGS` on a free 127.0.0.1 port and wait, bounded, for /health to say
+    200; returns (url, process). RuntimeError (with the server's stderr) if it exits or times out.
+    Shared by the serving tests."""
     import httpx
 
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "mixtral_jax.cli", "serve", "--port", str(port), *args_list],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-m", "mixtral_jax.cli", "serve", "--port", str(port),
+                             *map(str, args_list)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 1200
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            sys.exit(f"server exited: {proc.stderr.read()[-2000:]}")
+            raise RuntimeError(f"server exited with {proc.returncode}: {proc.stderr.read()[-2000:]}")
         try:
             if httpx.get(f"{url}/health", timeout=2).status_code == 200:
                 return url, proc
         except httpx.HTTPError:
             pass
         time.sleep(0.5)
-    proc.kill()
-    sys.exit("server not healthy in 20 minutes")
+    stop_server(proc)
+    raise RuntimeError(f"server not healthy within {timeout} s")
+
+
+def stop_server(proc) -> None:
+    """SIGTERM the server by its pid; SIGKILL if it has not exited 30 s later."""
+    os.kill(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
 
 
 def main():
@@ -183,7 +196,7 @@ def main():
             config = mj.MixtralConfig.preset(args.config)
             path, model_name = os.path.join(tmp.name, args.config), args.config
             save(path, config, mj.init_params(config, seed=args.seed), tokenizer=mj.Tokenizer().path)
-        url, proc = start_server(["--checkpoint", path, "--model-name", model_name, "--slots", str(args.slots),
+        url, proc = start_server(["--checkpoint", path, "--model-name", model_name, "--slots", args.slots,
                                   "--ignore-eos"])
     try:
         vocab = 32000
@@ -196,8 +209,7 @@ def main():
             report["levels"][level] = asyncio.run(drive(url, model_name, requests, level))
     finally:
         if proc is not None:
-            os.kill(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=60)
+            stop_server(proc)
     if not args.no_static and path is not None:
         report["static"] = static_batches(mj.load(path), requests, args.batch)
         top = report["levels"][max(report["levels"])]

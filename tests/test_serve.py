@@ -1,60 +1,28 @@
 """`mixtral-jax serve` as a subprocess on 127.0.0.1, driven by the official openai client and httpx."""
 
-import json
 import os
-import signal
-import socket
-import subprocess
 import sys
 import threading
 import time
 
 import httpx
 import numpy as np
+import openai
 import pytest
 
 import mixtral_jax as mj
 from mixtral_jax.checkpoint import demo_model_path, save
 from mixtral_jax.detokenize import text_in_context
 
-openai = pytest.importorskip("openai")
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+import serve_load  # noqa: E402  (its server launcher: a free port, a bounded wait for /health)
+from serve_load import stop_server  # noqa: E402
 
 STARTUP_S = 600
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_server(*args):
-    """Start `mixtral-jax serve ARGS` on a free port; wait (bounded) for /health; return (url, process)."""
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "mixtral_jax.cli", "serve", "--port", str(port), *map(str, args)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + STARTUP_S
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}: {proc.stderr.read()[-2000:]}")
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return url, proc
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    stop_server(proc)
-    raise RuntimeError(f"server not healthy within {STARTUP_S} s")
-
-
-def stop_server(proc) -> None:
-    os.kill(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
+    return serve_load.start_server(list(args), timeout=STARTUP_S)
 
 
 @pytest.fixture(scope="module")
