@@ -247,3 +247,36 @@ def test_tiny_model_and_a_full_queue(tiny):
     while metric(url, "mixtral_jax_slots_used") > 0 and time.monotonic() < deadline:
         time.sleep(0.05)
     assert c.completions.create(model="tiny-random", prompt="Hello", max_tokens=10, temperature=0).choices[0].text == want
+
+
+def test_two_processes_serve_like_one():
+    """Process 0 serves HTTP, process 1 mirrors its device calls; 8 host devices over 2 processes."""
+    import subprocess
+
+    port, coordinator = serve_load.free_port(), serve_load.free_port()
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    procs = [subprocess.Popen([sys.executable, "-m", "mixtral_jax.cli", "serve", "--port", str(port), "--slots", "2",
+                               "--prefill-chunk", "64", "--mesh", "data=1,expert=8,tensor=1",
+                               "--coordinator", f"localhost:{coordinator}", "--num-processes", "2",
+                               "--process-id", str(i)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              text=True) for i in range(2)]
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + STARTUP_S
+        while time.monotonic() < deadline:
+            assert all(p.poll() is None for p in procs), [p.stderr.read()[-2000:] for p in procs if p.poll() is not None]
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        model = mj.load(demo_model_path())
+        for prompt, n in (("def fibonacci(n):", 24), ("import os", 12)):
+            want, _ = greedy_text(model, model.tokenizer.encode(prompt), n)
+            got = client(url).completions.create(model="demo", prompt=prompt, max_tokens=n, temperature=0)
+            assert got.choices[0].text == want
+    finally:
+        stop_server(procs[0])
+        procs[1].wait(timeout=60)  # process 0's shutdown tells it to stop
+        assert procs[1].returncode == 0

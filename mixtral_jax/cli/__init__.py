@@ -29,8 +29,13 @@ def main(argv=None) -> int:
         args = build_parser().parse_args(argv)
         logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                             format="%(levelname)s %(name)s: %(message)s")
-        init_distributed(args)
-        return args.func(args)
+        if not init_distributed(args):
+            return args.func(args)
+        import jax
+
+        rc = args.func(args)
+        jax.distributed.shutdown()
+        return rc
     except UsageError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2

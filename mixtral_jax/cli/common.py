@@ -88,12 +88,14 @@ def results_to_real_stdout() -> None:
                       buffering=1, closefd=True)
 
 
-def init_distributed(args) -> None:
+def init_distributed(args) -> bool:
     """Join a multi-process run when asked (flags or JAX's environment variables); afterwards only
-    process 0 prints results, and every process's native chatter goes to stderr."""
+    process 0 prints results, and every process's native chatter goes to stderr. True when joined
+    (the caller then leaves with `jax.distributed.shutdown()`, which all processes pass together:
+    one leaving alone aborts the others' exit)."""
     coordinator = getattr(args, "coordinator", None) or os.environ.get("JAX_COORDINATOR_ADDRESS")
     if not coordinator:
-        return
+        return False
     import jax
 
     def number(flag, env):
@@ -107,6 +109,7 @@ def init_distributed(args) -> None:
     jax.distributed.initialize(coordinator, num_processes=num_processes, process_id=process_id)
     if jax.process_index() != 0:
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the rest of the process
+    return True
 
 
 def is_main_process() -> bool:

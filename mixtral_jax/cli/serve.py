@@ -8,7 +8,8 @@ from .common import UsageError, add_model_args, load_model
 
 
 def cmd_serve(args) -> int:
-    from mixtral_jax.checkpoint import demo_model_path
+    import jax
+
     from mixtral_jax.serving.engine import Engine
     from mixtral_jax.serving.server import serve
 
@@ -28,6 +29,9 @@ def cmd_serve(args) -> int:
     engine = Engine(model, slots=args.slots, max_seq_len=args.max_seq_len, prefill_chunk=args.prefill_chunk,
                     max_queue=args.max_queue, kv_dtype=args.kv_dtype, attention=args.attention,
                     stop_tokens=[] if args.ignore_eos else model.generation_config_kwargs().get("stop_tokens"))
+    if jax.process_index() != 0:  # multi-host: process 0 serves HTTP; the others mirror its device calls
+        engine.follow()
+        return 0
     serve(engine, name, args.host, args.port)
     return 0
 

@@ -20,6 +20,12 @@ calls its `on_event` callback (from the engine thread: an asyncio server bridges
 Sampling matches `mixtral_jax.generate` row for row: the same penalties and filters, and a row's
 random stream is its seed folded with its own token count, so a request's tokens do not depend on
 what shares the batch, and equal `generate`'s for the same prompt, parameters and seed.
+
+Multi-host (parameters on a mesh spanning processes): process 0 schedules; before each device call
+it broadcasts the call and its arguments (`jax.experimental.multihost_utils.broadcast_one_to_all`,
+fixed-size arrays), and every other process runs `follow()`, making the same calls in the same
+order. While idle, process 0 sends a no-op every few seconds. The cache lives on the mesh; what a
+step returns is replicated, so process 0 reads it.
 """
 
 from __future__ import annotations
@@ -41,11 +47,14 @@ from ..detokenize import IncrementalText
 from ..kvcache import init_cache
 from ..model import Model, decoder, lm_head
 from ..sampler import DEFAULT_EOS, SamplingParams, apply_penalties, bucket, sample
+from ..sharding import constrain, mesh_of, sharding_for
 
 log = logging.getLogger(__name__)
 
 TOP_LOGPROBS = 20  # alternatives computed every step (OpenAI allows up to 20)
 MIN_CHUNK = 16
+HEARTBEAT_S = 5.0  # multi-host: an idle process 0 tells the others it is alive this often
+OPS = ("noop", "prefill", "decode", "release", "stop")
 
 
 @flax.struct.dataclass
@@ -93,8 +102,13 @@ def _emit(logits, chosen, router_logits, top_k: int):
             routing.transpose(1, 0, 2))
 
 
+def _replicated(out: "StepOut", mesh) -> "StepOut":
+    """Every process holds all of a step's outputs (process 0 reads them)."""
+    return jax.tree.map(lambda a: constrain(a, (None,) * a.ndim, mesh), out)
+
+
 def _prefill(config, params, slots: Slots, slot, tokens, n_valid, start, request: SamplingParams, seed,
-             max_new, stop, *, attention: str):
+             max_new, stop, *, attention: str, mesh=None):
     """One chunk of a prompt into row `slot`; the last chunk (start + n_valid = prompt length, known to
     the caller through `max_new` > 0) samples the first token and starts the slot.
 
@@ -108,7 +122,7 @@ def _prefill(config, params, slots: Slots, slot, tokens, n_valid, start, request
     row = jax.tree.map(lambda a: jax.lax.dynamic_slice_in_dim(a, slot, 1, axis=0), slots.cache)
     row["lengths"] = jnp.reshape(start, (1,)).astype(jnp.int32)
     hidden, row, router_logits, _ = decoder(config, params, tokens[None], jnp.reshape(n_valid, (1,)), row,
-                                            attention=attention)
+                                            attention=attention, mesh=mesh)
     cache = jax.tree.map(lambda a, r: jax.lax.dynamic_update_slice_in_dim(a, r, slot, axis=0), slots.cache, row)
     vocab = config.vocab_size
     ids = jnp.where(jnp.arange(tokens.shape[0]) < n_valid, tokens, vocab)
@@ -131,14 +145,14 @@ def _prefill(config, params, slots: Slots, slot, tokens, n_valid, start, request
                                                    slots.counts[slot])))
     out = StepOut(token=token, live=final[None], done=(final & done[0])[None], logprob=lp, top_ids=top_ids,
                   top_logprobs=top_lp, routing=routing)
-    return new, out
+    return new, _replicated(out, mesh)
 
 
-def _decode(config, params, slots: Slots, stop, *, attention: str):
+def _decode(config, params, slots: Slots, stop, *, attention: str, mesh=None):
     """One token for every decoding slot."""
     live = slots.active
     hidden, cache, router_logits, _ = decoder(config, params, slots.last[:, None], live.astype(jnp.int32),
-                                              slots.cache, attention=attention)
+                                              slots.cache, attention=attention, mesh=mesh)
     logits = lm_head(params, hidden[:, 0])                                            # [N, V]
     keys = jax.vmap(lambda s, n: jax.random.fold_in(jax.random.key(s), n))(slots.seeds, slots.n_new)
     token = sample(apply_penalties(logits, slots.params, slots.counts, slots.in_prompt), slots.params, keys)
@@ -148,8 +162,8 @@ def _decode(config, params, slots: Slots, stop, *, attention: str):
     rows = jnp.arange(token.shape[0])
     new = slots.replace(cache=cache, last=jnp.where(live, token, slots.last), active=live & ~done, n_new=n_new,
                         counts=slots.counts.at[rows, token].add(live.astype(jnp.int32)))
-    return new, StepOut(token=token, live=live, done=done, logprob=lp, top_ids=top_ids, top_logprobs=top_lp,
-                        routing=routing)
+    return new, _replicated(StepOut(token=token, live=live, done=done, logprob=lp, top_ids=top_ids,
+                                    top_logprobs=top_lp, routing=routing), mesh)
 
 
 def _release(slots: Slots, slot):
@@ -242,11 +256,56 @@ class QueueFull(Exception):
     """The waiting queue is at `max_queue`."""
 
 
+class _Calls:
+    """Device calls as fixed-size arrays, broadcast from process 0 to the others (multi-host)."""
+
+    def __init__(self, chunk: int):
+        self.chunk = chunk
+
+    def send(self, op: str, **kw) -> None:
+        ints = np.zeros(8 + self.chunk, np.int32)
+        floats = np.zeros(6, np.float32)
+        ints[0] = OPS.index(op)
+        if op == "prefill":
+            o = kw["options"]
+            tokens = kw["tokens"]
+            ints[1:8] = (kw["slot"], kw["n_valid"], kw["start"], o.max_new_tokens if kw["final"] else 0,
+                         tokens.size, o.top_k, np.uint32(o.seed).view(np.int32))
+            ints[8:8 + tokens.size] = tokens
+            floats[:] = (o.temperature, o.top_p, o.min_p, o.repetition_penalty, o.presence_penalty,
+                         o.frequency_penalty)
+        elif op == "release":
+            ints[1] = kw["slot"]
+        self._broadcast(ints, floats)
+
+    def receive(self) -> tuple[str, dict]:
+        ints, floats = self._broadcast(np.zeros(8 + self.chunk, np.int32), np.zeros(6, np.float32))
+        op = OPS[int(ints[0])]
+        if op == "prefill":
+            slot, n_valid, start, max_new, size, top_k, seed = (int(v) for v in ints[1:8])
+            t, tp, mp, rp, pp, fp = (float(v) for v in floats)
+            options = Options(max_new_tokens=max(max_new, 1), temperature=t, top_k=top_k, top_p=tp, min_p=mp,
+                              repetition_penalty=rp, presence_penalty=pp, frequency_penalty=fp,
+                              seed=int(np.int32(seed).view(np.uint32)))
+            return op, {"slot": slot, "tokens": ints[8:8 + size].copy(), "n_valid": n_valid, "start": start,
+                        "options": options, "final": max_new > 0}
+        return op, {"slot": int(ints[1])} if op == "release" else {}
+
+    @staticmethod
+    def _broadcast(ints, floats):
+        from jax.experimental import multihost_utils
+
+        out = multihost_utils.broadcast_one_to_all((ints, floats))
+        return np.asarray(out[0]), np.asarray(out[1])
+
+
 class Engine:
     """Continuous batching over `slots` decode slots (see the module docstring).
 
     Args:
-      model: a loaded Model (its tokenizer detokenizes; without one, events carry no text).
+      model: a loaded Model (its tokenizer detokenizes; without one, events carry no text). On a
+        mesh spanning processes, every process builds the Engine alike: process 0 calls `start` and
+        takes requests, the others call `follow`.
       slots: requests decoded together.
       max_seq_len: cache slots per request (prompt + new tokens); default the model's context.
       prefill_chunk: prompt tokens per prefill step (a power of two >= 16).
@@ -272,12 +331,16 @@ class Engine:
         self.max_queue = int(max_queue)
         self.kv_dtype = kv_dtype or model.params["embed"].dtype
         self.attention = attention
+        self.mesh = mesh_of(model.params)
+        self.leader = jax.process_index() == 0
+        self._calls = _Calls(self.chunk) if jax.process_count() > 1 else None
         if stop_tokens is None:
             stop_tokens = [model.tokenizer.eos_id if model.tokenizer is not None else DEFAULT_EOS]
         stop = np.asarray(list(stop_tokens), np.int32).reshape(-1)
         self.stop = np.pad(stop, (0, bucket(stop.size, 4) - stop.size), constant_values=-1)
-        self._prefill = jax.jit(_prefill, static_argnums=(0,), static_argnames=("attention",), donate_argnums=(2,))
-        self._decode = jax.jit(_decode, static_argnums=(0,), static_argnames=("attention",), donate_argnums=(2,))
+        statics = dict(static_argnums=(0,), static_argnames=("attention", "mesh"), donate_argnums=(2,))
+        self._prefill = jax.jit(_prefill, **statics)
+        self._decode = jax.jit(_decode, **statics)
         self._release = jax.jit(_release, donate_argnums=(0,))
         self._slots: Slots | None = None
         self._ids = itertools.count()
@@ -292,26 +355,33 @@ class Engine:
     # ---- public API ----
 
     def start(self) -> None:
-        """Compile every program (warm-up) and start the engine thread."""
-        # Committed to the parameters' device like every later state (outputs of the jitted steps): an
-        # uncommitted one would key the warm-up's programs differently from those serving calls.
-        device = next(iter(self.model.params["embed"].devices()))
-        self._slots = jax.device_put(_empty_slots(self.config, self.n_slots, self.max_seq_len, self.kv_dtype), device)
+        """Compile every program (warm-up) and start the engine thread (process 0)."""
+        self._slots = self._empty_slots()
         self._warm_up()
         self._thread = threading.Thread(target=self._loop, name="mixtral-jax-engine", daemon=True)
         self._thread.start()
         self.ready = True
 
+    def follow(self) -> None:
+        """Processes other than 0: make process 0's device calls, in order, until it stops."""
+        self._slots = self._empty_slots()
+        while True:
+            op, kw = self._calls.receive()
+            if op == "stop":
+                return
+            self._device(op, **kw)
+
     def shutdown(self) -> None:
-        """Stop the engine thread; waiting and running requests end as "cancelled"."""
+        """Stop the engine thread (and the followers); waiting and running requests end as "cancelled"."""
         with self._lock:
             self._stop = True
             self._lock.notify()
         if self._thread is not None:
             self._thread.join()
+            if self._calls is not None:
+                self._calls.send("stop")
         for r in list(self._waiting) + list(self._running.values()):
             r._finish("cancelled")
-
     def submit(self, prompt: list[int], options: Options, on_event: Callable[[Event], None]) -> Request:
         """Queue a request (token ids, BOS included if wanted). ValueError for invalid values (checked
         now, on the host), QueueFull when `max_queue` requests are already waiting."""
@@ -369,28 +439,61 @@ class Engine:
             c *= 2
         return sizes
 
+    def _empty_slots(self) -> Slots:
+        """Empty slots, committed where every later state lives (the outputs of the jitted steps): an
+        uncommitted state would key the warm-up's programs differently from those serving calls. On a
+        mesh the cache is split like `generate`'s (batch, cache sequence, KV heads by their logical
+        axes) and the rest replicated."""
+        slots = _empty_slots(self.config, self.n_slots, self.max_seq_len, self.kv_dtype)
+        if self.mesh is None:
+            return jax.device_put(slots, next(iter(self.model.params["embed"].devices())))
+        kv_axes = ("batch", "cache_sequence", "kv_heads", "head_dim")
+
+        def place(path, a):
+            in_cache = any(getattr(k, "key", None) in ("k", "v", "k_scale", "v_scale") for k in path)
+            axes = kv_axes[:a.ndim] if in_cache else (None,) * a.ndim
+            return jax.device_put(a, sharding_for(a.shape, axes, self.mesh))
+        return jax.tree_util.tree_map_with_path(place, slots)
+
     def _warm_up(self) -> None:
         """Compile prefill at every chunk size, decode and release, on slot 0 (left empty)."""
         start = time.perf_counter()
         opts = Options(max_new_tokens=2, temperature=1.0, top_k=5)
         for size in self._chunks():
-            self._run_prefill(0, np.ones(size, np.int32), size, 0, opts, final=True)
-        self._slots, _ = self._decode(self.config, self.model.params, self._slots, self.stop, attention=self.attention)
-        self._slots = self._release(self._slots, np.int32(0))
+            self._call("prefill", slot=0, tokens=np.ones(size, np.int32), n_valid=size, start=0, options=opts,
+                       final=True)
+        self._call("decode")
+        self._call("release", slot=0)
         jax.block_until_ready(self._slots.active)
         log.info("engine warm: %d prefill sizes, decode and release compiled in %.1f s",
                  len(self._chunks()), time.perf_counter() - start)
 
-    def _run_prefill(self, slot: int, tokens: np.ndarray, n_valid: int, start: int, o: Options, final: bool):
-        request = SamplingParams(*(np.asarray([v], dt) for v, dt in (
-            (o.temperature, np.float32), (o.top_k, np.int32), (o.top_p, np.float32), (o.min_p, np.float32),
-            (o.repetition_penalty, np.float32), (o.presence_penalty, np.float32),
-            (o.frequency_penalty, np.float32))))
-        self._slots, out = self._prefill(
-            self.config, self.model.params, self._slots, np.int32(slot), tokens, np.int32(n_valid), np.int32(start),
-            request, np.asarray([o.seed], np.uint32), np.int32(o.max_new_tokens if final else 0), self.stop,
-            attention=self.attention)
-        return out
+    def _call(self, op: str, **kw):
+        """A device call made by process 0: broadcast to the followers first when multi-host."""
+        if self._calls is not None:
+            self._calls.send(op, **kw)
+        return self._device(op, **kw)
+
+    def _device(self, op: str, *, slot=0, tokens=None, n_valid=0, start=0, options=None, final=False):
+        """Run one device call on this process; returns the step's outputs (prefill, decode)."""
+        if op == "prefill":
+            o = options
+            request = SamplingParams(*(np.asarray([v], dt) for v, dt in (
+                (o.temperature, np.float32), (o.top_k, np.int32), (o.top_p, np.float32), (o.min_p, np.float32),
+                (o.repetition_penalty, np.float32), (o.presence_penalty, np.float32),
+                (o.frequency_penalty, np.float32))))
+            self._slots, out = self._prefill(
+                self.config, self.model.params, self._slots, np.int32(slot), tokens, np.int32(n_valid),
+                np.int32(start), request, np.asarray([o.seed], np.uint32), np.int32(o.max_new_tokens if final else 0),
+                self.stop, attention=self.attention, mesh=self.mesh)
+            return out
+        if op == "decode":
+            self._slots, out = self._decode(self.config, self.model.params, self._slots, self.stop,
+                                            attention=self.attention, mesh=self.mesh)
+            return out
+        if op == "release":
+            self._slots = self._release(self._slots, np.int32(slot))
+        return None
 
     def _loop(self) -> None:
         pending = None  # the last decode step dispatched, delivered after the next one is dispatched
@@ -402,7 +505,8 @@ class Engine:
                 pending = None
             with self._lock:
                 while not (self._stop or self._waiting or self._running or self._cancelled):
-                    self._lock.wait()
+                    if not self._lock.wait(HEARTBEAT_S) and self._calls is not None:
+                        self._calls.send("noop")  # the followers are waiting in a collective
                 if self._stop:
                     return
                 cancelled, self._cancelled = self._cancelled, set()
@@ -443,7 +547,8 @@ class Engine:
         tokens = np.zeros(size, np.int32)
         tokens[:n] = req.prompt[req.prefilled:req.prefilled + n]
         final = n == left
-        out = self._run_prefill(req.slot, tokens, n, req.prefilled, req.options, final)
+        out = self._call("prefill", slot=req.slot, tokens=tokens, n_valid=n, start=req.prefilled,
+                         options=req.options, final=final)
         req.prefilled += n
         if final:
             self._deliver({req.slot: req}, out, rows=[0])
@@ -457,8 +562,7 @@ class Engine:
         decoding = {s: r for s, r in self._running.items() if r.prefilled == len(r.prompt)}
         if not decoding:
             return None
-        self._slots, out = self._decode(self.config, self.model.params, self._slots, self.stop, attention=self.attention)
-        return decoding, out, None
+        return decoding, self._call("decode"), None
 
     def _deliver(self, reqs: dict[int, Request], out: StepOut, rows) -> None:
         """Hand each live row's token to its request; end the requests that finished."""
@@ -477,5 +581,5 @@ class Engine:
         """Finish the slot's request; `release` when the device may still be decoding the slot."""
         req = self._running.pop(slot)
         if release:
-            self._slots = self._release(self._slots, np.int32(slot))
+            self._call("release", slot=slot)
         req._finish(reason, error)

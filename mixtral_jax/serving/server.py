@@ -283,12 +283,26 @@ class Server:
 
 
 def serve(engine: Engine, model_name: str, host: str, port: int) -> None:
-    """Start the engine (compiling in the background; /health is 503 meanwhile) and serve until stopped."""
+    """Start the engine (compiling in the background; /health is 503 meanwhile) and serve until
+    SIGTERM or SIGINT; then stop the engine (and, multi-host, its followers) and return."""
+    import contextlib
+    import signal
+
     import uvicorn
 
     server = Server(engine, model_name)
     server.metrics.count_compilations()
     threading.Thread(target=engine.start, name="mixtral-jax-warm-up", daemon=True).start()
     log.info("serving %s on http://%s:%d", model_name, host, port)
-    uvicorn.Server(uvicorn.Config(server.app, host=host, port=port, log_level="warning")).run()
+    http = uvicorn.Server(uvicorn.Config(server.app, host=host, port=port, log_level="warning"))
+    # uvicorn re-raises the signal that stopped it once it is done, which would end this process
+    # before the engine (and a multi-host run's other processes) are told to stop.
+    http.capture_signals = contextlib.nullcontext
+
+    def stop(*_):
+        http.should_exit = True
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, stop)
+    http.run()
     engine.shutdown()
