@@ -261,59 +261,83 @@ def _report_dropped(dropped, capacity_factor):
                     int(dropped))
 
 
+REMAT = ("none", "layer", "dots")
+
+
 def decoder(config: MixtralConfig, params, tokens, lengths, cache, *, moe_strategy="auto",
-            capacity_factor=None, group_size=DEFAULT_GROUP_SIZE, mesh=None, attention="auto"):
+            capacity_factor=None, group_size=DEFAULT_GROUP_SIZE, mesh=None, attention="auto", remat="none"):
     """The traced body of `forward` without the output projection.
+
+    `remat` (training): "layer" recomputes each decoder layer in the backward pass from its input
+    (`jax.checkpoint`, nothing saved); "dots" keeps the layer's matmul outputs and recomputes the
+    rest; "none" keeps everything.
 
     Returns:
       (hidden [B, T, D] after the final norm, cache or None, router logits [L, B, T, E], dropped).
     """
+    if remat not in REMAT:
+        raise ValueError(f"remat must be one of {', '.join(REMAT)}, got {remat!r}")
     b, t = tokens.shape
     new_len = jnp.full((b,), t, jnp.int32) if lengths is None else lengths
     offset = jnp.zeros((b,), jnp.int32) if cache is None else cache["lengths"]
     q_pos = offset[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]             # [B, T]
     q_valid = jnp.arange(t)[None, :] < new_len[:, None]                            # [B, T]
-    kv_len = offset + new_len                                                      # [B] filled slots
-    if cache is not None:
-        # Padding tokens are written to slot S, which the scatter drops.
-        write_pos = jnp.where(q_valid, q_pos, cache[layer_name(0)]["k"].shape[1])
+    # Padding tokens are written to slot S, which the scatter drops.
+    write_pos = None if cache is None else jnp.where(q_valid, q_pos, cache[layer_name(0)]["k"].shape[1])
     attention_lib.check_name(attention)
-    cos, sin = rope_angles(q_pos, config.head_dim, config.rope_theta)
-
-    act = ("batch", "sequence", "embed")
-    kv_axes = ("batch", "cache_sequence", "kv_heads", "head_dim")
-    x = constrain(params["embed"][tokens], act, mesh)                               # [B, T, D]
+    rope = rope_angles(q_pos, config.head_dim, config.rope_theta)
+    block = functools.partial(_block, config, moe_strategy=moe_strategy, capacity_factor=capacity_factor,
+                              group_size=group_size, mesh=mesh, attention=attention)
+    if remat != "none":
+        policy = (jax.checkpoint_policies.nothing_saveable if remat == "layer"
+                  else jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+        block = jax.checkpoint(block, policy=policy)
+    x = constrain(params["embed"][tokens], ACT, mesh)                               # [B, T, D]
     new_cache = None if cache is None else {"lengths": offset + new_len}
     router_logits, dropped = [], jnp.zeros((), jnp.int32)
     for i in range(config.n_layers):
-        p = params[layer_name(i)]
-        h = rms_norm(x, p["attn_norm"], config.norm_eps)
-        wq, wk, wv, wo = (dequantize(p[k], h.dtype) for k in ("wq", "wk", "wv", "wo"))
-        q = apply_rope(jnp.einsum("btd,dnh->btnh", h, wq), cos, sin)               # [B, T, N, H]
-        q = constrain(q, ("batch", "sequence", "q_heads", "head_dim"), mesh)
-        k = apply_rope(jnp.einsum("btd,dkh->btkh", h, wk), cos, sin)               # [B, T, K, H]
-        v = jnp.einsum("btd,dkh->btkh", h, wv)                                     # [B, T, K, H]
-        chunk = attention_lib.Chunk(k, v, new_len, None if cache is None else offset)
+        layer_cache = None if cache is None else cache[layer_name(i)]
+        x, layer_cache, logits_i, dropped_i = block(params[layer_name(i)], x, rope, q_pos, q_valid, new_len,
+                                                    offset, layer_cache, write_pos)
         if cache is not None:
-            c = kvcache.write(cache[layer_name(i)], k, v, write_pos)                 # [B, S, K, H] (+ scales)
-            c = {name: constrain(a, kv_axes[:a.ndim], mesh) for name, a in c.items()}
-            new_cache[layer_name(i)] = c
-            k, v = kvcache.read(c)
-        attn = attention_lib.attend(attention, q, k, v, q_pos, kv_len, chunk,
-                                    sliding_window=config.sliding_window)          # [B, T, N, H]
-        # [B, T, N*H] @ [N*H, D]: XLA's CPU dot contracting (n, h) directly runs ~13x slower
-        o = jnp.einsum("btk,kd->btd", attn.reshape(b, t, -1), wo.reshape(-1, wo.shape[-1]))
-        x = constrain(x + o, act, mesh)
-        h = rms_norm(x, p["ffn_norm"], config.norm_eps)
-        y, logits_i, dropped_i = moe(h.reshape(b * t, -1), p, top_k=config.top_k,
-                                     valid=q_valid.reshape(-1), strategy=moe_strategy,
-                                     capacity_factor=capacity_factor, group_size=group_size,
-                                     mesh=mesh)
-        x = constrain(x + y.reshape(x.shape), act, mesh)
-        router_logits.append(logits_i.reshape(b, t, -1))
+            new_cache[layer_name(i)] = layer_cache
+        router_logits.append(logits_i)
         dropped = dropped + dropped_i
     x = rms_norm(x, params["final_norm"], config.norm_eps)
     return x, new_cache, jnp.stack(router_logits), dropped
+
+
+ACT = ("batch", "sequence", "act_embed")
+
+
+def _block(config, p, x, rope, q_pos, q_valid, new_len, offset, layer_cache, write_pos, *, moe_strategy,
+           capacity_factor, group_size, mesh, attention):
+    """One decoder layer: x [B, T, D] -> (x, its cache or None, router logits [B, T, E], dropped)."""
+    b, t = q_pos.shape
+    cos, sin = rope
+    kv_axes = ("batch", "cache_sequence", "kv_heads", "head_dim")
+    h = rms_norm(x, p["attn_norm"], config.norm_eps)
+    wq, wk, wv, wo = (dequantize(p[k], h.dtype) for k in ("wq", "wk", "wv", "wo"))
+    q = apply_rope(jnp.einsum("btd,dnh->btnh", h, wq), cos, sin)                   # [B, T, N, H]
+    q = constrain(q, ("batch", "sequence", "q_heads", "head_dim"), mesh)
+    k = apply_rope(jnp.einsum("btd,dkh->btkh", h, wk), cos, sin)                   # [B, T, K, H]
+    v = jnp.einsum("btd,dkh->btkh", h, wv)                                         # [B, T, K, H]
+    chunk = attention_lib.Chunk(k, v, new_len, None if layer_cache is None else offset)
+    if layer_cache is not None:
+        layer_cache = kvcache.write(layer_cache, k, v, write_pos)                     # [B, S, K, H] (+ scales)
+        layer_cache = {name: constrain(a, kv_axes[:a.ndim], mesh) for name, a in layer_cache.items()}
+        k, v = kvcache.read(layer_cache)
+    attn = attention_lib.attend(attention, q, k, v, q_pos, offset + new_len, chunk,
+                                sliding_window=config.sliding_window)              # [B, T, N, H]
+    # [B, T, N*H] @ [N*H, D]: XLA's CPU dot contracting (n, h) directly runs ~13x slower
+    o = jnp.einsum("btk,kd->btd", attn.reshape(b, t, -1), wo.reshape(-1, wo.shape[-1]))
+    x = constrain(x + o, ACT, mesh)
+    h = rms_norm(x, p["ffn_norm"], config.norm_eps)
+    y, logits, dropped = moe(h.reshape(b * t, -1), p, top_k=config.top_k, valid=q_valid.reshape(-1),
+                             strategy=moe_strategy, capacity_factor=capacity_factor, group_size=group_size,
+                             mesh=mesh)
+    x = constrain(x + y.reshape(x.shape), ACT, mesh)
+    return x, layer_cache, logits.reshape(b, t, -1), dropped
 
 
 def lm_head(params, x: jax.Array) -> jax.Array:

@@ -317,7 +317,7 @@ def moe_einsum(x, routing: Routing, valid, weights, *,
     def grouped(a):
         return jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1)).reshape(n_groups, g_size, *a.shape[1:])
 
-    xg = constrain(grouped(x), ("token_groups", None, "embed"), mesh)  # [g, t, D]
+    xg = constrain(grouped(x), ("token_groups", None, "act_embed"), mesh)  # [g, t, D]
     assigned = (jax.nn.one_hot(grouped(routing.experts), n_experts, dtype=jnp.int32)
                 * grouped(valid)[..., None, None])                    # [g, t, X, E]
     # Slot-major priority: position of each assignment in its expert's queue.
@@ -331,13 +331,13 @@ def moe_einsum(x, routing: Routing, valid, weights, *,
     combine = jnp.einsum("gtxe,gtxc,gtx->gtec", kept.astype(jnp.float32), slot,
                          grouped(routing.weights))                    # [g, t, E, c]
 
-    expert_axes = ("groups", "experts", "capacity", "embed")
+    expert_axes = ("groups", "experts", "capacity", "act_embed")
     expert_in = jnp.einsum("gtec,gtd->gecd", dispatch.astype(x.dtype), xg)  # [g, E, c, D]
     expert_in = constrain(expert_in, expert_axes, mesh)
     expert_out = _swiglu(expert_in, w_gate, w_up, w_down, "gecd,edf->gecf", "gecf,efd->gecd")
     expert_out = constrain(expert_out, expert_axes, mesh)                   # [g, E, c, D]
     y = jnp.einsum("gtec,gecd->gtd", combine, expert_out.astype(jnp.float32))  # [g, t, D]
-    y = constrain(y, ("token_groups", None, "embed"), mesh)
+    y = constrain(y, ("token_groups", None, "act_embed"), mesh)
     return y.reshape(-1, d)[:n_tokens].astype(x.dtype), dropped.astype(jnp.int32)
 
 

@@ -106,7 +106,7 @@ def plan_memory(config: MixtralConfig, mesh_sizes: dict[str, int], *, dtype="bfl
 def activation_bytes(c: MixtralConfig, mesh, itemsize: int, b: int, t: int) -> int:
     """Bytes per device of one layer's live buffers for a step of t tokens per row (module docstring)."""
     f32 = 4
-    act = ("batch", "sequence", "embed")
+    act = ("batch", "sequence", "act_embed")
     q_axes, kv_axes = ("batch", "sequence", "q_heads", "head_dim"), ("batch", "sequence", "kv_heads", "head_dim")
     tile = min(t, DEFAULT_BLOCK)
     parts = [
@@ -123,11 +123,11 @@ def activation_bytes(c: MixtralConfig, mesh, itemsize: int, b: int, t: int) -> i
         parts += [
             2 * _bytes((g, group, c.n_experts, group), ("token_groups", None, "experts_replicated", "capacity"),
                        mesh, f32),
-            2 * _bytes((g, c.n_experts, group, c.d_model), ("groups", "experts", "capacity", "embed"), mesh, itemsize),
+            2 * _bytes((g, c.n_experts, group, c.d_model), ("groups", "experts", "capacity", "act_embed"), mesh, itemsize),
             2 * _bytes((g, c.n_experts, group, c.d_ff), ("groups", "experts", "capacity", "ffw"), mesh, itemsize),
         ]
     else:  # sorted: rows in expert order and their outputs
-        parts.append(2 * _bytes((b * t * c.top_k, c.d_model), ("batch", "embed"), mesh, f32))
+        parts.append(2 * _bytes((b * t * c.top_k, c.d_model), ("batch", "act_embed"), mesh, f32))
     return sum(parts)
 
 

@@ -6,8 +6,14 @@ each goes. A dimension that the mesh axes do not divide is replicated over them 
 vocabulary of 101 on tensor=2), so every mesh runs every model.
 
 Expert parallelism (GShard): expert weights are split over `expert`; MoE routing groups are split
-over `data` x `expert` before dispatch and over `data` after it, with the expert axis of the
-dispatched activations over `expert`, so XLA moves tokens to their experts with an all-to-all.
+over `data` x `fsdp` x `expert` before dispatch and over `data` x `fsdp` after it, with the expert
+axis of the dispatched activations over `expert`, so XLA moves tokens to their experts with an
+all-to-all.
+
+Fully sharded data parallelism (FSDP, ZeRO-3): the `embed` (d_model) dimension of every parameter
+is split over `fsdp`, and so are its gradients and optimiser moments (they take the parameters'
+shardings); batches are split over `data` x `fsdp`. Activations keep d_model whole (`act_embed`),
+so XLA gathers each layer's weights when it runs and reduce-scatters their gradients.
 """
 
 from __future__ import annotations
@@ -19,50 +25,52 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-MESH_AXES = ("data", "expert", "tensor")
+MESH_AXES = ("data", "fsdp", "expert", "tensor")
 
 # logical axis -> mesh axes (tried together, then fewer, until they divide the dimension)
 RULES: dict[str, tuple[str, ...]] = {
-    "batch": ("data",),
+    "batch": ("data", "fsdp"),
     "vocab": ("tensor",),
-    "embed": (),
+    "embed": ("fsdp",),           # parameters' d_model
+    "act_embed": (),              # activations' d_model
     "q_heads": ("tensor",),
     "kv_heads": ("tensor",),
     "head_dim": (),
     "experts": ("expert",),
     "experts_replicated": (),   # the router: tiny, never split
     "ffw": ("tensor",),
-    "token_groups": ("data", "expert"),  # MoE routing groups before dispatch / after combine
-    "groups": ("data",),                 # routing groups of the dispatched [g, E, C, D] tensor
+    "token_groups": ("data", "fsdp", "expert"),  # MoE routing groups before dispatch / after combine
+    "groups": ("data", "fsdp"),                  # routing groups of the dispatched [g, E, C, D] tensor
     "capacity": (),
     "sequence": (),
     "cache_sequence": (),
 }
 
 
-def make_mesh(data: int = 1, expert: int = 1, tensor: int = 1, devices: Sequence | None = None) -> Mesh:
-    """A (data, expert, tensor) mesh over the first data*expert*tensor devices.
+def make_mesh(data: int = 1, expert: int = 1, tensor: int = 1, fsdp: int = 1, *,
+              devices: Sequence | None = None) -> Mesh:
+    """A (data, fsdp, expert, tensor) mesh over the first data*fsdp*expert*tensor devices.
 
     Args:
-      data, expert, tensor: axis sizes (positive integers).
+      data, expert, tensor, fsdp: axis sizes (positive integers).
       devices: devices to use, default `jax.devices()` (all processes' devices in a multi-host run).
     Raises:
       ValueError: a size below 1, or more devices asked for than exist.
     """
-    sizes = {"data": data, "expert": expert, "tensor": tensor}
+    sizes = {"data": data, "fsdp": fsdp, "expert": expert, "tensor": tensor}
     for name, size in sizes.items():
         if not isinstance(size, (int, np.integer)) or isinstance(size, bool) or size < 1:
             raise ValueError(f"mesh axis {name} must be a positive integer, got {size!r}")
     devices = list(jax.devices() if devices is None else devices)
-    need = data * expert * tensor
+    need = math.prod(sizes.values())
     if need > len(devices):
-        raise ValueError(f"mesh data={data}, expert={expert}, tensor={tensor} needs {need} devices; "
-                         f"{len(devices)} available")
-    return Mesh(np.asarray(devices[:need]).reshape(data, expert, tensor), MESH_AXES)
+        described = ", ".join(f"{k}={v}" for k, v in sizes.items())
+        raise ValueError(f"mesh {described} needs {need} devices; {len(devices)} available")
+    return Mesh(np.asarray(devices[:need]).reshape(*(sizes[a] for a in MESH_AXES)), MESH_AXES)
 
 
 def parse_mesh(text: str) -> dict[str, int]:
-    """'data=2,expert=4,tensor=1' -> {"data": 2, "expert": 4, "tensor": 1} (missing axes are 1)."""
+    """'data=2,expert=4' -> {"data": 2, "fsdp": 1, "expert": 4, "tensor": 1} (missing axes are 1)."""
     sizes = dict.fromkeys(MESH_AXES, 1)
     for part in filter(None, (p.strip() for p in text.split(","))):
         name, _, value = part.partition("=")

@@ -36,8 +36,8 @@ from flax import struct
 
 from .config import MixtralConfig
 from .corpus import DOMAINS
-from .model import decoder, init_params, lm_head, shard_params
-from .sharding import sharding_for
+from .model import REMAT, decoder, init_params, lm_head, shard_params
+from .sharding import experts_split, sharding_for
 
 log = logging.getLogger(__name__)
 
@@ -68,16 +68,23 @@ class TrainConfig:
     save_every: int = 100
     keep: int = 3
     moe_strategy: str | None = None  # exact and differentiable; None: `train_moe_strategy()`
+    remat: str = "none"             # "none" | "layer" | "dots" (mixtral_jax.model.decoder)
+    grad_accum: int = 1             # micro-batches per optimizer step (batch_size rows each)
+    compute_dtype: str | None = None  # None: float32 on CPU, bfloat16 on GPU/TPU (master weights float32)
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "seq_len", "log_every", "eval_every", "eval_batches",
-                     "save_every", "keep"):
+                     "save_every", "keep", "grad_accum"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
         if self.warmup_steps < 0 or not self.learning_rate > 0:
             raise ValueError("learning_rate must be > 0 and warmup_steps >= 0")
         if len(self.domain_weights) != len(DOMAINS) or min(self.domain_weights) < 0 or not sum(self.domain_weights) > 0:
             raise ValueError(f"domain_weights: {len(DOMAINS)} non-negative numbers, not all zero")
+        if self.remat not in REMAT:
+            raise ValueError(f"remat must be one of {', '.join(REMAT)}, got {self.remat!r}")
+        if self.compute_dtype not in (None, "float32", "bfloat16", "float16"):
+            raise ValueError(f"compute_dtype must be float32, bfloat16 or float16, got {self.compute_dtype!r}")
 
 
 @struct.dataclass
@@ -125,34 +132,70 @@ def routing_stats(router_logits: jax.Array, top_k: int, mask: jax.Array) -> dict
     return {"expert_load": load, "routing_entropy": jnp.einsum("lbt,bt->l", entropy, m) / jnp.sum(m)}
 
 
-def loss_fn(params, config: MixtralConfig, tc: TrainConfig, tokens: jax.Array, lengths: jax.Array):
+def target_mask(tokens: jax.Array, lengths: jax.Array, loss_mask: jax.Array | None = None) -> jax.Array:
+    """[B, S-1] float32: 1 where tokens[:, t+1] is a valid target (and `loss_mask` [B, S] marks it)."""
+    pos = jnp.arange(tokens.shape[1] - 1)[None, :]
+    mask = pos + 1 < lengths[:, None]
+    if loss_mask is not None:
+        mask &= loss_mask[:, 1:].astype(bool)
+    return mask.astype(jnp.float32)
+
+
+def loss_parts(params, config: MixtralConfig, tc: TrainConfig, tokens, lengths, loss_mask=None, mesh=None):
+    """The sums a loss is made of, for right-padded rows tokens [B, S] with `lengths` [B].
+
+    Args:
+      loss_mask: [B, S], 1 for the tokens the cross-entropy counts as targets (None: all valid).
+    Returns:
+      {"ce_sum": summed target cross-entropy, "targets": their count, "aux", "z",
+      "expert_load" [L, E], "routing_entropy" [L]}.
+    """
+    dtype = compute_dtype(tc)
+    if dtype != jnp.float32:  # float32 master weights, half-precision compute
+        params = jax.tree.map(lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, params)
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    t = inputs.shape[1]
+    in_len = jnp.minimum(lengths, t)
+    in_mask = jnp.arange(t)[None, :] < in_len[:, None]                             # [B, T]
+    tgt_mask = target_mask(tokens, lengths, loss_mask)                             # [B, T]
+    # The materialised attention: differentiable, and at training lengths as fast as any.
+    hidden, _, router_logits, _ = decoder(config, params, inputs, in_len, None, attention="materialized",
+                                          moe_strategy=tc.moe_strategy or train_moe_strategy(mesh),
+                                          remat=tc.remat, mesh=mesh)
+    logits = lm_head(params, hidden.reshape(-1, hidden.shape[-1]))                 # [B*T, V]
+    ce_all = optax.softmax_cross_entropy_with_integer_labels(logits, targets.reshape(-1))  # [B*T]
+    return {"ce_sum": jnp.sum(ce_all * tgt_mask.reshape(-1)), "targets": jnp.sum(tgt_mask),
+            "aux": load_balancing_loss(router_logits, config.top_k, in_mask),
+            "z": router_z_loss(router_logits, in_mask),
+            **routing_stats(jax.lax.stop_gradient(router_logits), config.top_k, in_mask)}
+
+
+def loss_fn(params, config: MixtralConfig, tc: TrainConfig, tokens: jax.Array, lengths: jax.Array,
+            loss_mask=None, mesh=None):
     """Total loss and its parts for right-padded rows tokens [B, S] with `lengths` [B].
 
     Returns:
       (loss scalar, metrics dict: loss, ce, aux, z, expert_load [L, E], routing_entropy [L]).
     """
-    inputs, targets = tokens[:, :-1], tokens[:, 1:]
-    t = inputs.shape[1]
-    in_len = jnp.minimum(lengths, t)
-    pos = jnp.arange(t)[None, :]
-    in_mask = pos < in_len[:, None]                                                # [B, T]
-    tgt_mask = (pos + 1 < lengths[:, None]).astype(jnp.float32)                    # [B, T]
-    # The materialised attention: differentiable, and at training lengths as fast as any.
-    hidden, _, router_logits, _ = decoder(config, params, inputs, in_len, None, attention="materialized",
-                                          moe_strategy=tc.moe_strategy or train_moe_strategy())
-    logits = lm_head(params, hidden.reshape(-1, hidden.shape[-1]))                 # [B*T, V]
-    ce_all = optax.softmax_cross_entropy_with_integer_labels(logits, targets.reshape(-1))  # [B*T]
-    ce = jnp.sum(ce_all * tgt_mask.reshape(-1)) / jnp.maximum(jnp.sum(tgt_mask), 1.0)
-    aux = load_balancing_loss(router_logits, config.top_k, in_mask)
-    z = router_z_loss(router_logits, in_mask)
-    loss = ce + config.router_aux_loss_coef * aux + tc.z_loss_coef * z
-    return loss, {"loss": loss, "ce": ce, "aux": aux, "z": z,
-                  **routing_stats(jax.lax.stop_gradient(router_logits), config.top_k, in_mask)}
+    parts = loss_parts(params, config, tc, tokens, lengths, loss_mask, mesh)
+    ce = parts["ce_sum"] / jnp.maximum(parts["targets"], 1.0)
+    loss = ce + config.router_aux_loss_coef * parts["aux"] + tc.z_loss_coef * parts["z"]
+    return loss, {"loss": loss, "ce": ce, "aux": parts["aux"], "z": parts["z"],
+                  "expert_load": parts["expert_load"], "routing_entropy": parts["routing_entropy"]}
 
 
-def train_moe_strategy() -> str:
-    """The differentiable MoE strategy for this platform: `blocked` on CPU (XLA:CPU pads
-    `ragged_dot` to dense dots), `ragged` on GPU/TPU (grouped matmuls without weight copies)."""
+def compute_dtype(tc: TrainConfig):
+    if tc.compute_dtype is not None:
+        return jnp.dtype(tc.compute_dtype)
+    return jnp.dtype(jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16)
+
+
+def train_moe_strategy(mesh=None) -> str:
+    """The differentiable MoE strategy for this platform: `einsum` when experts are split over the
+    mesh (tokens travel to their experts), else `blocked` on CPU (XLA:CPU pads `ragged_dot` to dense
+    dots) and `ragged` on GPU/TPU (grouped matmuls without weight copies)."""
+    if experts_split(mesh):
+        return "einsum"
     return "blocked" if jax.default_backend() == "cpu" else "ragged"
 
 
@@ -180,9 +223,47 @@ def init_state(config: MixtralConfig, tc: TrainConfig, mesh=None, params=None) -
     return TrainState(jnp.zeros((), jnp.int32), params, opt_state)
 
 
-def train_step(config: MixtralConfig, tc: TrainConfig, state: TrainState, tokens, lengths):
-    """One AdamW step. Returns (new state, metrics incl. grad_norm and lr)."""
-    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, config, tc, tokens, lengths)
+def accumulated_grads(config: MixtralConfig, tc: TrainConfig, params, tokens, lengths, loss_mask=None,
+                      mesh=None):
+    """Loss gradients over `tc.grad_accum` micro-batches of `tc.batch_size` rows (tokens [K·B, S]).
+
+    The cross-entropy is weighted by target tokens across all micro-batches, so K micro-batches give
+    the gradient of one K-times-larger batch; the load-balancing and z-losses are computed per
+    micro-batch (routing statistics pooled over its tokens) and averaged.
+    Returns (grads, metrics: loss, ce, aux, z, expert_load, routing_entropy).
+    """
+    k = tc.grad_accum
+    tokens, lengths = tokens.reshape(k, -1, tokens.shape[-1]), lengths.reshape(k, -1)
+    masks = None if loss_mask is None else loss_mask.reshape(k, -1, loss_mask.shape[-1])
+    targets = jnp.maximum(sum(jnp.sum(target_mask(tokens[i], lengths[i], None if masks is None else masks[i]))
+                              for i in range(k)), 1.0)
+
+    def micro(params, i):
+        parts = loss_parts(params, config, tc, tokens[i], lengths[i], None if masks is None else masks[i], mesh)
+        loss = (parts["ce_sum"] / targets
+                + (config.router_aux_loss_coef * parts["aux"] + tc.z_loss_coef * parts["z"]) / k)
+        return loss, parts
+
+    def accumulate(carry, i):
+        grads, totals = carry
+        (_, parts), g = jax.value_and_grad(micro, has_aux=True)(params, i)
+        return (jax.tree.map(jnp.add, grads, g), jax.tree.map(jnp.add, totals, parts)), None
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    first = jax.eval_shape(lambda: micro(params, 0)[1])
+    (grads, totals), _ = jax.lax.scan(accumulate, (zeros, jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), first)),
+                                      jnp.arange(k))
+    ce = totals["ce_sum"] / targets
+    aux, z = totals["aux"] / k, totals["z"] / k
+    loss = ce + config.router_aux_loss_coef * aux + tc.z_loss_coef * z
+    return grads, {"loss": loss, "ce": ce, "aux": aux, "z": z, "expert_load": totals["expert_load"] / k,
+                   "routing_entropy": totals["routing_entropy"] / k}
+
+
+def train_step(config: MixtralConfig, tc: TrainConfig, state: TrainState, tokens, lengths, loss_mask=None, *,
+               mesh=None):
+    """One AdamW step on `accumulated_grads`. Returns (new state, metrics incl. grad_norm and lr)."""
+    grads, metrics = accumulated_grads(config, tc, state.params, tokens, lengths, loss_mask, mesh)
     updates, opt_state = make_optimizer(tc).update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = dict(metrics, grad_norm=optax.global_norm(grads), lr=learning_rate_schedule(tc)(state.step))
@@ -190,35 +271,38 @@ def train_step(config: MixtralConfig, tc: TrainConfig, state: TrainState, tokens
 
 
 # The state is donated: parameters and moments are updated in place.
-train_step_jit = jax.jit(train_step, static_argnums=(0, 1), donate_argnums=(2,))
+train_step_jit = jax.jit(train_step, static_argnums=(0, 1), static_argnames=("mesh",), donate_argnums=(2,))
 
 
-def _eval_ce(config, tc, params, tokens, lengths):
-    return loss_fn(params, config, tc, tokens, lengths)[1]["ce"]
+def _eval_ce(config, tc, params, tokens, lengths, mesh=None):
+    return loss_fn(params, config, tc, tokens, lengths, mesh=mesh)[1]["ce"]
 
 
-_eval_ce_jit = jax.jit(_eval_ce, static_argnums=(0, 1))
+_eval_ce_jit = jax.jit(_eval_ce, static_argnums=(0, 1), static_argnames=("mesh",))
 
 
-def batch_at(corpus, split: str, step: int, tc: TrainConfig, domain: str | None = None) -> np.ndarray:
-    """The batch for `step`: [batch_size, seq_len + 1] windows at random offsets of the streams.
+def batch_at(corpus, split: str, step: int, tc: TrainConfig, domain: str | None = None,
+             rows: int | None = None) -> np.ndarray:
+    """The batch for `step`: [rows (default batch_size), seq_len + 1] windows at random offsets of the
+    streams.
 
     Each row's domain is drawn by `tc.domain_weights` (or fixed to `domain`). A pure function of
-    (tc.seed, split, step): resuming replays the same data.
+    (tc.seed, split, step): resuming replays the same data, and K micro-batches of B rows are the
+    rows of one batch of K·B.
     """
     rng = np.random.default_rng([tc.seed, SPLIT_IDS[split], step])
     p = np.asarray(tc.domain_weights, np.float64) / sum(tc.domain_weights)
-    rows = []
-    for _ in range(tc.batch_size):
+    out = []
+    for _ in range(rows or tc.batch_size):
         d = domain or DOMAINS[rng.choice(len(DOMAINS), p=p)]
         stream = corpus[split, d]
         start = int(rng.integers(0, max(1, len(stream) - tc.seq_len - 1)))
         row = np.asarray(stream[start:start + tc.seq_len + 1], np.int32)
-        rows.append(np.pad(row, (0, tc.seq_len + 1 - len(row))))
-    return np.stack(rows)
+        out.append(np.pad(row, (0, tc.seq_len + 1 - len(row))))
+    return np.stack(out)
 
 
-def evaluate(config: MixtralConfig, tc: TrainConfig, params, corpus, place: Callable) -> dict[str, float]:
+def evaluate(config: MixtralConfig, tc: TrainConfig, params, corpus, place: Callable, mesh=None) -> dict[str, float]:
     """Held-out cross-entropy per domain on `tc.eval_batches` fixed batches each."""
     out = {}
     for i, d in enumerate(DOMAINS):
@@ -226,7 +310,7 @@ def evaluate(config: MixtralConfig, tc: TrainConfig, params, corpus, place: Call
         for j in range(tc.eval_batches):
             tokens = batch_at(corpus, "val", j * len(DOMAINS) + i, tc, domain=d)
             lengths = np.full((len(tokens),), tokens.shape[1], np.int32)
-            losses.append(float(_eval_ce_jit(config, tc, params, *place(tokens, lengths))))
+            losses.append(float(_eval_ce_jit(config, tc, params, *place(tokens, lengths), mesh=mesh)))
         out[d] = float(np.mean(losses))
     return out
 
@@ -247,7 +331,8 @@ def _placer(tc: TrainConfig, mesh):
 
 # Fields that change the numbers of a run: resuming with other values would not be exact.
 _RUN_FIELDS = ("batch_size", "seq_len", "learning_rate", "warmup_steps", "end_lr_ratio", "weight_decay",
-               "b1", "b2", "grad_clip", "z_loss_coef", "seed", "domain_weights", "moe_strategy")
+               "b1", "b2", "grad_clip", "z_loss_coef", "seed", "domain_weights", "moe_strategy", "grad_accum",
+               "compute_dtype")
 
 
 def _run_meta(config: MixtralConfig, tc: TrainConfig) -> dict:
@@ -258,7 +343,8 @@ def _check_resumable(meta: dict, config: MixtralConfig, tc: TrainConfig, folder:
     want = json.loads(json.dumps(_run_meta(config, tc)))
     if meta["config"] != want["config"]:
         raise ValueError(f"{folder}: holds a run of another model config; use a new output folder")
-    changed = [k for k in _RUN_FIELDS if meta["train"].get(k) != want["train"][k]]
+    defaults = json.loads(json.dumps({k: getattr(TrainConfig(), k) for k in _RUN_FIELDS}))  # older runs lack some
+    changed = [k for k in _RUN_FIELDS if meta["train"].get(k, defaults[k]) != want["train"][k]]
     if changed:
         raise ValueError(f"{folder}: cannot resume exactly with changed {', '.join(changed)}; "
                          "use the original values or a new output folder")
@@ -336,9 +422,9 @@ def train(config: MixtralConfig, tc: TrainConfig, out: str, corpus, *, mesh=None
     try:
         with open(metrics_path, "a", encoding="utf-8") as log_file:
             while step < min(tc.steps, stop_after or tc.steps):
-                tokens = batch_at(corpus, "train", step, tc)
+                tokens = batch_at(corpus, "train", step, tc, rows=tc.batch_size * tc.grad_accum)
                 lengths = np.full((len(tokens),), tokens.shape[1], np.int32)
-                state, metrics = train_step_jit(config, tc, state, *place(tokens, lengths))
+                state, metrics = train_step_jit(config, tc, state, *place(tokens, lengths), mesh=mesh)
                 step, seen = step + 1, seen + tokens[:, 1:].size
                 if step % tc.log_every == 0 or step == tc.steps:
                     now = time.perf_counter()
@@ -349,7 +435,7 @@ def train(config: MixtralConfig, tc: TrainConfig, out: str, corpus, *, mesh=None
                     log_file.flush()
                     bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
                 if step % tc.eval_every == 0 or step == tc.steps:
-                    last_eval = evaluate(config, tc, state.params, corpus, place)
+                    last_eval = evaluate(config, tc, state.params, corpus, place, mesh)
                     log_file.write(json.dumps({"step": step, "eval": last_eval}) + "\n")
                     log_file.flush()
                     log.info("step %d held-out ce %s", step, last_eval)

@@ -105,8 +105,8 @@ def test_make_mesh_validates():
     with pytest.raises(ValueError, match="expert"):
         mj.make_mesh(expert=0)
     mesh = mj.make_mesh()
-    assert dict(mesh.shape) == {"data": 1, "expert": 1, "tensor": 1}
-    assert parse_mesh("data=2,expert=4") == {"data": 2, "expert": 4, "tensor": 1}
+    assert dict(mesh.shape) == {"data": 1, "fsdp": 1, "expert": 1, "tensor": 1}
+    assert parse_mesh("data=2,expert=4") == {"data": 2, "fsdp": 1, "expert": 4, "tensor": 1}
     with pytest.raises(ValueError, match="bad mesh"):
         parse_mesh("experts=4")
 
@@ -119,6 +119,11 @@ def test_logical_rules_and_fallback():
     assert tuple(spec_for((16, 8, 48), ("token_groups", None, "embed"), sizes)) == (("data", "expert"), None, None)
     assert tuple(spec_for((2, 8, 48), ("token_groups", None, "embed"), sizes)) == ("data", None, None)
     assert tuple(spec_for((4096, 8), ("embed", "experts_replicated"), sizes)) == (None, None)
+    fsdp = {"data": 1, "fsdp": 4, "expert": 2, "tensor": 1}   # parameters' d_model over fsdp, batches too
+    assert tuple(spec_for((8, 4096, 14336), ("experts", "embed", "ffw"), fsdp)) == ("expert", "fsdp", None)
+    assert tuple(spec_for((32000, 4096), ("vocab", "embed"), fsdp)) == (None, "fsdp")
+    assert tuple(spec_for((8, 512, 4096), ("batch", "sequence", "act_embed"), fsdp)) == ("fsdp", None, None)
+    assert tuple(spec_for((16, 8, 48), ("token_groups", None, "act_embed"), fsdp)) == (("fsdp", "expert"), None, None)
 
 
 def test_plan_8x7b_matches_hand_calculation():

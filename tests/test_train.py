@@ -262,3 +262,44 @@ def test_train_cli_runs_and_writes_a_loadable_model(tmp_path):
     bad = subprocess.run(cmd[:5] + ["--steps", "0", "--corpus", str(tmp_path / "corpus")], capture_output=True,
                          text=True, timeout=300)
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "steps" in bad.stderr
+
+
+SMALL_WIDTH = mj.MixtralConfig(vocab_size=512, d_model=256, n_layers=2, n_heads=8, n_kv_heads=2, head_dim=32,
+                               d_ff=896, n_experts=8, top_k=2, max_seq_len=128)  # the small config's shape, narrower
+
+
+def test_remat_same_loss_and_gradients_less_memory(rng):
+    tokens = jnp.asarray(rng.integers(0, SMALL_WIDTH.vocab_size, (4, 65)), jnp.int32)
+    lengths = jnp.asarray([65, 65, 40, 65], jnp.int32)
+    params = mj.init_params(SMALL_WIDTH, seed=2)
+    results, temp = {}, {}
+    for remat in ("none", "layer", "dots"):
+        tc = tr.TrainConfig(remat=remat)
+        fn = jax.jit(jax.value_and_grad(lambda p: tr.loss_fn(p, SMALL_WIDTH, tc, tokens, lengths)[0]))
+        results[remat] = fn(params)
+        temp[remat] = fn.lower(params).compile().memory_analysis().temp_size_in_bytes
+    for remat in ("layer", "dots"):
+        assert abs(float(results[remat][0]) - float(results["none"][0])) <= 1e-6
+        for g, r in zip(jax.tree.leaves(results[remat][1]), jax.tree.leaves(results["none"][1])):
+            np.testing.assert_allclose(np.asarray(g), np.asarray(r), atol=1e-6, rtol=1e-5)
+    assert temp["layer"] < temp["none"] and temp["dots"] < temp["none"], temp
+
+
+def test_gradient_accumulation_equals_one_larger_batch(rng):
+    config = TINY.replace(router_aux_loss_coef=0.0)
+    tokens = jnp.asarray(rng.integers(0, config.vocab_size, (8, 12)), jnp.int32)
+    lengths = jnp.asarray([12, 9, 12, 5, 12, 12, 7, 12], jnp.int32)  # unequal targets per micro-batch
+    one = tr.TrainConfig(batch_size=8, grad_accum=1, learning_rate=1e-2, warmup_steps=0, steps=5)
+    four = tr.TrainConfig(batch_size=2, grad_accum=4, learning_rate=1e-2, warmup_steps=0, steps=5)
+    params = mj.init_params(config, seed=4)
+    grads = jax.jit(tr.accumulated_grads, static_argnums=(0, 1))
+    ga, ma = grads(config, one, params, tokens, lengths)
+    gb, mb = grads(config, four, params, tokens, lengths)
+    assert abs(float(ma["loss"]) - float(mb["loss"])) <= 1e-5 and abs(float(ma["ce"]) - float(mb["ce"])) <= 1e-5
+    for x, y in zip(jax.tree.leaves(ga), jax.tree.leaves(gb)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-5, rtol=0)
+    assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(ga)) > 1e-3
+    state, m = tr.train_step_jit(config, four, tr.init_state(config, four, params=params), tokens, lengths)
+    assert abs(float(m["loss"]) - float(ma["loss"])) <= 1e-5 and int(state.step) == 1
+    corpus = fake_corpus(config.vocab_size)
+    np.testing.assert_array_equal(tr.batch_at(corpus, "train", 3, four, rows=8), tr.batch_at(corpus, "train", 3, one))

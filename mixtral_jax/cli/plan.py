@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 from .common import UsageError
 
@@ -27,7 +28,7 @@ def cmd_plan(args) -> int:
     p = plan_memory(config, sizes, dtype=args.dtype, batch=args.batch, max_seq_len=args.max_seq_len,
                     prompt_len=args.prompt_len, quantize=args.quantize, kv_dtype=args.kv_dtype,
                     prefill_chunk=args.prefill_chunk)
-    result = {"mesh": sizes, "devices": sizes["data"] * sizes["expert"] * sizes["tensor"], "dtype": args.dtype,
+    result = {"mesh": sizes, "devices": math.prod(sizes.values()), "dtype": args.dtype,
               "quantize": args.quantize,
               "batch": args.batch, "max_seq_len": args.max_seq_len or config.max_seq_len,
               "per_device_bytes": p, "device_memory": device_memory,
