@@ -11,9 +11,10 @@ of scores per head: for each query block it loops over key blocks keeping a floa
 sum `l` and accumulator `acc`, and divides at the end. Its memory is linear in the sequence length.
 With `skip=True` a query block visits only the key blocks some of its queries can see (up to its
 last position and the longest row, from its first position minus the window), so causal prefill
-costs about half the square and decode costs what the filled part of the cache holds. The skipping
-loop has data-dependent bounds (a `while_loop`): inference only; `skip=False` runs every key block
-in a fixed-length loop that `grad` goes through.
+costs about half the square and decode costs what the filled part of the cache holds. The key
+blocks are visited by a fixed-length scan whose invisible steps a `cond` skips (the bounds are
+data, the trip count is not), so `grad` goes through it; measured as fast as a `while_loop` over
+the visible blocks.
 
 Einsum alphabet (DESIGN.md): B batch, T query length, S key length, K kv heads, G = N/K query heads
 per kv head, H head_dim; q a query block's rows, s a key block's slots.
@@ -52,7 +53,7 @@ def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Arr
       kv_len: [B] int filled slots per row (slots at or past it are hidden).
       sliding_window: hide keys this many positions back or further; None for no window.
       block_q, block_k: tile sizes (clipped to T and S).
-      skip: visit only the key blocks a query block can see (not differentiable).
+      skip: compute only the key blocks a query block can see (False: all of them; the same result).
     Returns:
       [B, T, N, H] in q's dtype.
     """
@@ -76,8 +77,6 @@ def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Arr
 
     def key_blocks(pos):
         """The [lo, hi) key blocks a query block at positions `pos` [B, q] can see."""
-        if not skip:
-            return 0, nk
         last = jnp.minimum(jnp.max(pos) + 1, longest)                              # exclusive slot
         hi = jnp.clip((last + bk - 1) // bk, 1, nk)
         lo = 0 if sliding_window is None else jnp.clip((jnp.min(pos) - sliding_window + 1) // bk, 0, hi - 1)
@@ -107,8 +106,14 @@ def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Arr
 
         init = (jnp.full(qi.shape[:-1], MASKED, jnp.float32), jnp.zeros(qi.shape[:-1], jnp.float32),
                 jnp.zeros(qi.shape, jnp.float32))
-        lo, hi = key_blocks(pos)
-        _, l, acc = jax.lax.fori_loop(lo, hi, step, init)
+        if skip:
+            lo, hi = key_blocks(pos)
+            # Every key block in a fixed-length scan, the invisible ones skipped by a cond: the
+            # bounds are data, the trip count is not, so `grad` goes through it.
+            visit = lambda c, j: (jax.lax.cond((j >= lo) & (j < hi), step, lambda _, c: c, j, c), None)  # noqa: E731
+            (_, l, acc), _ = jax.lax.scan(visit, init, jnp.arange(nk))
+        else:
+            _, l, acc = jax.lax.fori_loop(0, nk, step, init)
         return (acc / jnp.maximum(l, 1e-30)[..., None]).astype(q.dtype)
 
     # A sequential map, not vmap: under vmap the per-block loop bounds would become the largest.
