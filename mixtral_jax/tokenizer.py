@@ -11,6 +11,9 @@ and accepts exactly the conversations it accepts:
   into a system prompt placed before the first user message; a conversation that does not start
   with a user turn gets an empty one first;
 - encoding: `<s>`, then `[INST] {user} [/INST]` per user turn and `{assistant}</s>` per answer.
+
+`encode_chat_for_training` encodes a conversation that ends with an answer (mistral-common's
+finetuning mode) and marks the answers' tokens and EOS for the loss.
 """
 
 from __future__ import annotations
@@ -104,7 +107,31 @@ class Tokenizer:
         Raises:
           ValueError: a conversation mistral-common's v1 tokenizer would reject.
         """
-        messages = _validate(messages)
+        return [i for ids, _ in self._chat_segments(_validate(messages, last="user")) for i in ids]
+
+    def encode_chat_for_training(self, messages: Sequence[Mapping[str, Any]]) -> tuple[list[int], list[int]]:
+        """A conversation ending with an assistant answer, encoded for fine-tuning.
+
+        The ids are mistral-common's v1 encoding in its finetuning validation mode (every answer,
+        the last included, followed by `</s>`); the mask is 1 on every answer's tokens and its EOS,
+        the tokens a fine-tuning loss counts.
+
+        Args:
+          messages: [{"role": ..., "content": str}, ...], the last one an assistant's.
+        Returns:
+          (ids, loss_mask), two lists of one length.
+        Raises:
+          ValueError: a conversation mistral-common's finetuning mode would reject.
+        """
+        ids: list[int] = []
+        mask: list[int] = []
+        for segment, is_answer in self._chat_segments(_validate(messages, last="assistant")):
+            ids += segment
+            mask += [int(is_answer)] * len(segment)
+        return ids, mask
+
+    def _chat_segments(self, messages) -> list[tuple[list[int], bool]]:
+        """(ids, is an answer) pieces of a validated conversation, in order."""
         system = _JOIN.join(m["content"] for m in messages if m["role"] == "system" and m["content"])
         turns: list[list[Any]] = []  # [role, merged content]
         prev_role = None
@@ -118,18 +145,20 @@ class Tokenizer:
             prev_role = m["role"]
         if not turns or turns[0][0] != "user":
             turns.insert(0, ["user", ""])
-        ids = [self.bos_id]
+        segments = [([self.bos_id], False)]
         for i, (role, content) in enumerate(turns):
             if role == "user":
                 if i == 0 and system:
                     content = system + _JOIN + content
-                ids += self._sp.EncodeAsIds(f"[INST] {content} [/INST]")
+                segments.append((self._sp.EncodeAsIds(f"[INST] {content} [/INST]"), False))
             else:
-                ids += self._sp.EncodeAsIds(content) + [self.eos_id]
-        return ids
+                segments.append((self._sp.EncodeAsIds(content) + [self.eos_id], True))
+        return segments
 
 
-def _validate(messages) -> list[Mapping[str, Any]]:
+def _validate(messages, last: str) -> list[Mapping[str, Any]]:
+    """The checks of mistral-common's validator; `last`: the role the conversation must end with
+    ("user" to be answered, "assistant" for fine-tuning)."""
     if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
         raise ValueError("messages must be a list of {'role', 'content'} dicts")
     if not messages:
@@ -145,6 +174,10 @@ def _validate(messages) -> list[Mapping[str, Any]]:
             raise ValueError(f"message {i}: an assistant message must not be empty")
         if i and m["role"] not in _MAY_FOLLOW[messages[i - 1]["role"]]:
             raise ValueError(f"message {i}: role {m['role']!r} may not follow {messages[i - 1]['role']!r}")
-    if messages[-1]["role"] == "assistant":
+    if last == "user" and messages[-1]["role"] == "assistant":
         raise ValueError("conversation ends with an assistant message; the last turn must be the user's")
+    if len(messages) == 1 and messages[0]["role"] == "assistant":
+        raise ValueError("a conversation must start with a user or system message")
+    if last == "assistant" and messages[-1]["role"] != "assistant":
+        raise ValueError(f"a training conversation must end with an assistant answer, not {messages[-1]['role']!r}")
     return list(messages)

@@ -86,6 +86,78 @@ def test_valid_exactly_when_mistral_common_accepts(tok, reference):
     assert checked > 300 and 0 < rejected < checked
 
 
+@pytest.fixture(scope="module")
+def finetuning_reference():
+    """mistral-common's encoding in its finetuning validation mode (None when it rejects)."""
+    from mistral_common.protocol.instruct.messages import AssistantMessage, SystemMessage, UserMessage
+    from mistral_common.protocol.instruct.request import ChatCompletionRequest
+    from mistral_common.protocol.instruct.validator import MistralRequestValidator, ValidationMode
+    from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+
+    v1 = MistralTokenizer.v1()
+    mt = MistralTokenizer(v1.instruct_tokenizer, MistralRequestValidator(ValidationMode.finetuning),
+                          v1._instruct_request_normalizer)
+    classes = {"system": SystemMessage, "user": UserMessage, "assistant": AssistantMessage}
+
+    def encode(messages):
+        try:
+            request = ChatCompletionRequest(messages=[classes[m["role"]](content=m["content"]) for m in messages])
+            return mt.encode_chat_completion(request).tokens
+        except Exception:  # noqa: BLE001 - any rejection counts as "invalid"
+            return None
+    return encode
+
+
+def _answers_only(tok, messages, ids, mask):
+    """The masked tokens are exactly each answer's encoding followed by EOS, in order."""
+    answers = []
+    for m in messages:
+        if m["role"] == "assistant":
+            answers += tok.encode(m["content"], bos=False) + [tok.eos_id]
+    return [i for i, keep in zip(ids, mask) if keep] == answers and ids[-1] == tok.eos_id and mask[-1] == 1
+
+
+TRAINING_CONVERSATIONS = {
+    "single": [{"role": "user", "content": "Name a prime."}, {"role": "assistant", "content": "7"}],
+    "system + multi-turn": [{"role": "system", "content": "You are terse."},
+                            {"role": "user", "content": "Hello"},
+                            {"role": "assistant", "content": "Hi! How can I help?"},
+                            {"role": "user", "content": "Tell me a joke."},
+                            {"role": "assistant", "content": "Why did the chicken cross the road?"}],
+    "non-ASCII, newlines": [{"role": "user", "content": "Ça va?\n東京"},
+                            {"role": "assistant", "content": "Oui 🌞\nx\n"}],
+    "spaces": [{"role": "user", "content": "  q "}, {"role": "assistant", "content": " spaced answer "}],
+}
+
+
+@pytest.mark.parametrize("name", list(TRAINING_CONVERSATIONS))
+def test_encode_chat_for_training_equals_mistral_common(tok, finetuning_reference, name):
+    messages = TRAINING_CONVERSATIONS[name]
+    ids, mask = tok.encode_chat_for_training(messages)
+    assert ids == finetuning_reference(messages)
+    assert len(mask) == len(ids)
+    assert _answers_only(tok, messages, ids, mask)
+
+
+def test_encode_chat_for_training_accepts_exactly_what_mistral_common_does(tok, finetuning_reference):
+    """Every role sequence up to length 4: same ids when accepted, ValueError when rejected."""
+    checked = rejected = 0
+    for n in range(1, 5):
+        for roles in itertools.product(["system", "user", "assistant"], repeat=n):
+            msgs = [{"role": r, "content": f"{r} {i}"} for i, r in enumerate(roles)]
+            expected = finetuning_reference(msgs)
+            if expected is None:
+                rejected += 1
+                with pytest.raises(ValueError):
+                    tok.encode_chat_for_training(msgs)
+            else:
+                ids, mask = tok.encode_chat_for_training(msgs)
+                assert ids == expected, msgs
+                assert _answers_only(tok, msgs, ids, mask), msgs
+            checked += 1
+    assert checked > 100 and 0 < rejected < checked
+
+
 @pytest.mark.parametrize("bad", [[], "hello", [{"role": "robot", "content": "x"}],
                                  [{"role": "user"}], [{"role": "user", "content": 3}]])
 def test_malformed_conversations_raise(tok, bad):
