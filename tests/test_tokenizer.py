@@ -109,11 +109,16 @@ def finetuning_reference():
 
 
 def _answers_only(tok, messages, ids, mask):
-    """The masked tokens are exactly each answer's encoding followed by EOS, in order."""
-    answers = []
-    for m in messages:
+    """The masked tokens are exactly each answer's encoding followed by EOS, in order (consecutive
+    assistant messages are one answer, joined by a blank line)."""
+    texts = []
+    for prev, m in zip([None] + list(messages), messages):
         if m["role"] == "assistant":
-            answers += tok.encode(m["content"], bos=False) + [tok.eos_id]
+            if prev is not None and prev["role"] == "assistant":
+                texts[-1] += "\n\n" + m["content"]
+            else:
+                texts.append(m["content"])
+    answers = [i for text in texts for i in tok.encode(text, bos=False) + [tok.eos_id]]
     return [i for i, keep in zip(ids, mask) if keep] == answers and ids[-1] == tok.eos_id and mask[-1] == 1
 
 
