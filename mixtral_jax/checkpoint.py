@@ -209,7 +209,7 @@ def _place(params: dict[str, Any], item: str, leaves: dict[str, Any]) -> None:
         params[item] = leaves
 
 
-def load(path, *, dtype=None, mesh=None, layout=None, quantize=None) -> Model:
+def load(path, *, dtype=None, mesh=None, layout=None, quantize=None, adapter=None) -> Model:
     """Load a model.
 
     Args:
@@ -227,6 +227,8 @@ def load(path, *, dtype=None, mesh=None, layout=None, quantize=None) -> Model:
         for split on CPU without a mesh, stacked otherwise (see mixtral_jax.model).
       quantize: None, or "int8" for int8 weight-only expert and attention matrices (see
         mixtral_jax.quant). A checkpoint converted with `--quantize int8` loads quantized anyway.
+      adapter: a LoRA adapter folder (`finetune --lora` writes OUT/adapter): the model runs the base
+        weights plus the adapter, unmerged (mixtral_jax.lora); not with int8.
     Returns:
       Model with `.config`, `.params` (canonical layout), `.tokenizer` (from the folder's
       tokenizer.model, or None) and `.generation_config` (the folder's generation_config.json,
@@ -245,6 +247,8 @@ def load(path, *, dtype=None, mesh=None, layout=None, quantize=None) -> Model:
     if quantize not in QUANT_MODES:
         raise ValueError(f"quantize must be None or 'int8', got {quantize!r}")
     path = os.fspath(path)
+    if adapter is not None and (quantize or (detect_format(path) == "orbax" and read_manifest(path).get("quantize"))):
+        raise ValueError("a LoRA adapter needs unquantised base weights; load without int8")
     fmt = detect_format(path)
     manifest = read_manifest(path) if fmt == "orbax" else {}
     read_generation_config(path)  # a malformed file fails before any weight is read
@@ -289,4 +293,9 @@ def load(path, *, dtype=None, mesh=None, layout=None, quantize=None) -> Model:
         tokenizer = Tokenizer(tok_path) if os.path.isfile(tok_path) else None
     except ValueError as e:
         raise CheckpointError(str(e)) from None
+    if adapter is not None:
+        from . import lora
+
+        weights, lora_config = lora.load_adapter(os.fspath(adapter), config)
+        params = lora.attach(params, weights, lora_config)
     return Model(config, params, tokenizer, read_generation_config(path, config.vocab_size))

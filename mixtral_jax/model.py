@@ -16,7 +16,8 @@ Parameter layout (canonical; what `init_params` returns and checkpoints hold), x
     lm_head              [D, V]       embed, vocab
 
 A layer's leaves sit flat in one dict `params["layers_{i}"]`; a layer may also hold an optional
-`router_bias` [E] (a routing intervention, `mixtral_jax.routing.intervene`; never in checkpoints).
+`router_bias` [E] (a routing intervention, `mixtral_jax.routing.intervene`; never in checkpoints) and
+a `lora` adapter entry (`mixtral_jax.lora.attach`).
 `load` returns, on CPU, the split layout instead: each expert weight a tuple of E per-expert
 matrices in [out, in] orientation (`split_experts`); `forward` and `generate` accept both. The KV cache
 (`init_cache`) is `{"lengths": [B] int32, "layers_{i}": {"k": [B, S, K, H], "v": [B, S, K, H]}}`, or
@@ -36,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import attention as attention_lib
-from . import kvcache
+from . import kvcache, lora
 from .config import MixtralConfig
 from .generation_config import sampling_defaults
 from .kvcache import init_cache, layer_name
@@ -313,6 +314,7 @@ ACT = ("batch", "sequence", "act_embed")
 def _block(config, p, x, rope, q_pos, q_valid, new_len, offset, layer_cache, write_pos, *, moe_strategy,
            capacity_factor, group_size, mesh, attention):
     """One decoder layer: x [B, T, D] -> (x, its cache or None, router logits [B, T, E], dropped)."""
+    p = lora.apply_to_layer(p)  # a LoRA adapter's update, formed here so one layer's exists at a time
     b, t = q_pos.shape
     cos, sin = rope
     kv_axes = ("batch", "cache_sequence", "kv_heads", "head_dim")

@@ -148,3 +148,62 @@ def parse_bytes(text: str) -> int:
     if not value > 0:
         raise ValueError(f"memory size must be positive, got {text!r}")
     return int(value)
+
+
+def _tree_bytes(config: MixtralConfig, mesh_sizes, itemsize: int) -> int:
+    specs = jax.tree.leaves(param_specs(config), is_leaf=lambda x: isinstance(x, ParamSpec))
+    return sum(_bytes(s.shape, s.axes, mesh_sizes, itemsize) for s in specs)
+
+
+def plan_training(config: MixtralConfig, mesh_sizes: dict[str, int], *, batch: int, seq_len: int,
+                  remat: str = "none", compute_dtype="bfloat16", lora=None) -> dict[str, Any]:
+    """Per-device bytes of a training step (AdamW), nothing allocated.
+
+    Full training keeps float32 master parameters, float32 gradients and two float32 moments, all
+    sharded as the parameters are (`fsdp` splits d_model, `expert` the experts, `tensor` heads and
+    d_ff), plus a `compute_dtype` copy of the parameters when that is not float32. LoRA (a
+    mixtral_jax.lora.LoraConfig) keeps the base in `compute_dtype` and trains a replicated float32
+    adapter (its gradients and moments). Activations are an estimate for `batch` rows of `seq_len`
+    tokens split over `data` x `fsdp` (what the backward pass keeps per layer):
+    - remat "none": per layer the residual and normed inputs, q/k/v and the attention output, the
+      materialised float32 scores and probabilities [B, N, S, S], the MoE's rows in expert order
+      [B·S·top_k, D] and its gate/up/activation outputs [B·S·top_k, F] (x 3);
+    - "dots": the same less the scores, probabilities and normed copies (recomputed);
+    - "layer": each layer's input [B, S, D] only, plus one layer's "none" set while it is recomputed;
+    - plus the float32 logits and their gradient [B·S, V] (x 2).
+    Returns:
+      {"parameters", "compute_copy", "gradients", "optimizer_state", "activations", "total",
+      "trainable_params"}.
+    """
+    from .lora import count_adapter_params
+
+    if remat not in ("none", "layer", "dots"):
+        raise ValueError(f"remat must be none, layer or dots, got {remat!r}")
+    if batch < 1 or seq_len < 1:
+        raise ValueError("batch and seq_len must be >= 1")
+    cs = np.dtype(compute_dtype).itemsize
+    if lora is None:
+        master = _tree_bytes(config, mesh_sizes, 4)
+        parameters, grads, opt = master, master, 2 * master
+        compute_copy = 0 if cs == 4 else _tree_bytes(config, mesh_sizes, cs)
+        trainable = sum(math.prod(s.shape) for s in jax.tree.leaves(param_specs(config),
+                                                                   is_leaf=lambda x: isinstance(x, ParamSpec)))
+    else:
+        trainable = count_adapter_params(config, lora)
+        adapter = 4 * trainable
+        parameters, grads, opt, compute_copy = _tree_bytes(config, mesh_sizes, cs) + adapter, adapter, 2 * adapter, 0
+    rows = -(-batch // max(1, mesh_sizes.get("data", 1) * mesh_sizes.get("fsdp", 1)))
+    c, t = config, rows * seq_len
+    x = t * c.d_model * cs
+    attn_small = t * (2 * c.n_heads + 2 * c.n_kv_heads) * c.head_dim * cs
+    scores = 2 * rows * c.n_heads * seq_len * seq_len * 4
+    moe = t * c.top_k * (c.d_model + 3 * c.d_ff) * cs
+    per_layer = {"none": 3 * x + attn_small + scores + moe, "dots": x + attn_small + moe}
+    if remat == "layer":
+        activations = c.n_layers * x + per_layer["none"]
+    else:
+        activations = c.n_layers * per_layer[remat]
+    activations += 2 * t * c.vocab_size * 4
+    total = parameters + compute_copy + grads + opt + activations
+    return {"parameters": parameters, "compute_copy": compute_copy, "gradients": grads, "optimizer_state": opt,
+            "activations": activations, "total": total, "trainable_params": trainable}

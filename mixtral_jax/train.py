@@ -34,6 +34,7 @@ import numpy as np
 import optax
 from flax import struct
 
+from . import lora as lora_lib
 from .config import MixtralConfig
 from .corpus import DOMAINS
 from .model import REMAT, decoder, init_params, lm_head, shard_params
@@ -224,12 +225,14 @@ def init_state(config: MixtralConfig, tc: TrainConfig, mesh=None, params=None) -
 
 
 def accumulated_grads(config: MixtralConfig, tc: TrainConfig, params, tokens, lengths, loss_mask=None,
-                      mesh=None):
+                      mesh=None, base=None, lora=None):
     """Loss gradients over `tc.grad_accum` micro-batches of `tc.batch_size` rows (tokens [K·B, S]).
 
     The cross-entropy is weighted by target tokens across all micro-batches, so K micro-batches give
     the gradient of one K-times-larger batch; the load-balancing and z-losses are computed per
     micro-batch (routing statistics pooled over its tokens) and averaged.
+    With `lora` (a LoraConfig), `params` is the adapter and `base` the frozen model: the gradients
+    are the adapter's only.
     Returns (grads, metrics: loss, ce, aux, z, expert_load, routing_entropy).
     """
     k = tc.grad_accum
@@ -239,7 +242,8 @@ def accumulated_grads(config: MixtralConfig, tc: TrainConfig, params, tokens, le
                               for i in range(k)), 1.0)
 
     def micro(params, i):
-        parts = loss_parts(params, config, tc, tokens[i], lengths[i], None if masks is None else masks[i], mesh)
+        full = params if lora is None else lora_lib.attach(base, params, lora)
+        parts = loss_parts(full, config, tc, tokens[i], lengths[i], None if masks is None else masks[i], mesh)
         loss = (parts["ce_sum"] / targets
                 + (config.router_aux_loss_coef * parts["aux"] + tc.z_loss_coef * parts["z"]) / k)
         return loss, parts
@@ -261,9 +265,10 @@ def accumulated_grads(config: MixtralConfig, tc: TrainConfig, params, tokens, le
 
 
 def train_step(config: MixtralConfig, tc: TrainConfig, state: TrainState, tokens, lengths, loss_mask=None, *,
-               mesh=None):
-    """One AdamW step on `accumulated_grads`. Returns (new state, metrics incl. grad_norm and lr)."""
-    grads, metrics = accumulated_grads(config, tc, state.params, tokens, lengths, loss_mask, mesh)
+               mesh=None, base=None, lora=None):
+    """One AdamW step on `accumulated_grads` (of the adapter alone with `lora`: `state.params` is the
+    adapter, `base` the frozen model). Returns (new state, metrics incl. grad_norm and lr)."""
+    grads, metrics = accumulated_grads(config, tc, state.params, tokens, lengths, loss_mask, mesh, base, lora)
     updates, opt_state = make_optimizer(tc).update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = dict(metrics, grad_norm=optax.global_norm(grads), lr=learning_rate_schedule(tc)(state.step))
@@ -271,7 +276,7 @@ def train_step(config: MixtralConfig, tc: TrainConfig, state: TrainState, tokens
 
 
 # The state is donated: parameters and moments are updated in place.
-train_step_jit = jax.jit(train_step, static_argnums=(0, 1), static_argnames=("mesh",), donate_argnums=(2,))
+train_step_jit = jax.jit(train_step, static_argnums=(0, 1), static_argnames=("mesh", "lora"), donate_argnums=(2,))
 
 
 def _eval_ce(config, tc, params, tokens, lengths, mesh=None):
@@ -316,16 +321,17 @@ def evaluate(config: MixtralConfig, tc: TrainConfig, params, corpus, place: Call
 
 
 def _placer(tc: TrainConfig, mesh):
-    """Host batch -> device arrays, rows split over the mesh's data axis (every process builds the
-    same global batch, so this works multi-host too)."""
+    """Host batch (tokens, lengths[, loss mask]) -> device arrays, rows split over the mesh's batch
+    axes (every process builds the same global batch, so this works multi-host too)."""
     if mesh is None:
-        return lambda tokens, lengths: (jnp.asarray(tokens), jnp.asarray(lengths))
+        return lambda *arrays: tuple(None if a is None else jnp.asarray(a) for a in arrays)
 
-    def place(tokens, lengths):
-        t = sharding_for(tokens.shape, ("batch", "sequence"), mesh)
-        n = sharding_for(lengths.shape, ("batch",), mesh)
-        return (jax.make_array_from_callback(tokens.shape, t, lambda i: tokens[i]),
-                jax.make_array_from_callback(lengths.shape, n, lambda i: lengths[i]))
+    def put(a, axes):
+        return None if a is None else jax.make_array_from_callback(
+            a.shape, sharding_for(a.shape, axes, mesh), lambda i: a[i])
+
+    def place(*arrays):  # tokens, lengths[, loss mask]
+        return tuple(put(a, axes) for a, axes in zip(arrays, (("batch", "sequence"), ("batch",), ("batch", "sequence"))))
     return place
 
 
@@ -335,14 +341,19 @@ _RUN_FIELDS = ("batch_size", "seq_len", "learning_rate", "warmup_steps", "end_lr
                "compute_dtype")
 
 
-def _run_meta(config: MixtralConfig, tc: TrainConfig) -> dict:
-    return {"config": config.to_dict(), "train": {k: getattr(tc, k) for k in _RUN_FIELDS} | {"steps": tc.steps}}
+def _run_meta(config: MixtralConfig, tc: TrainConfig, extra: dict | None = None) -> dict:
+    return {"config": config.to_dict(), "train": {k: getattr(tc, k) for k in _RUN_FIELDS} | {"steps": tc.steps},
+            "extra": extra or {}}
 
 
-def _check_resumable(meta: dict, config: MixtralConfig, tc: TrainConfig, folder: str) -> None:
-    want = json.loads(json.dumps(_run_meta(config, tc)))
+def _check_resumable(meta: dict, config: MixtralConfig, tc: TrainConfig, folder: str, extra: dict | None) -> None:
+    want = json.loads(json.dumps(_run_meta(config, tc, extra)))
     if meta["config"] != want["config"]:
         raise ValueError(f"{folder}: holds a run of another model config; use a new output folder")
+    changed = sorted(k for k in set(meta.get("extra", {})) | set(want["extra"])
+                     if meta.get("extra", {}).get(k) != want["extra"].get(k))
+    if changed:
+        raise ValueError(f"{folder}: holds a run with other {', '.join(changed)}; use a new output folder")
     defaults = json.loads(json.dumps({k: getattr(TrainConfig(), k) for k in _RUN_FIELDS}))  # older runs lack some
     changed = [k for k in _RUN_FIELDS if meta["train"].get(k, defaults[k]) != want["train"][k]]
     if changed:
@@ -367,8 +378,9 @@ def _to_python(tree) -> Any:
     return jax.tree.map(lambda a: np.asarray(a).tolist(), jax.device_get(tree))
 
 
-def train(config: MixtralConfig, tc: TrainConfig, out: str, corpus, *, mesh=None, progress: bool = True,
-          params=None, stop_after: int | None = None) -> dict:
+def train(config: MixtralConfig, tc: TrainConfig, out: str, corpus=None, *, mesh=None, progress: bool = True,
+          params=None, stop_after: int | None = None, batches: Callable | None = None, base=None,
+          lora: lora_lib.LoraConfig | None = None, extra_meta: dict | None = None) -> dict:
     """Train, or resume the run in `out`, up to `tc.steps` steps.
 
     Args:
@@ -378,12 +390,18 @@ def train(config: MixtralConfig, tc: TrainConfig, out: str, corpus, *, mesh=None
         steps and at the end, keeping `keep`) and `metrics.jsonl` (one line per `log_every` steps:
         step, loss, ce, aux, z, lr, grad_norm, tokens_per_s, expert_load [L][E], routing_entropy
         [L]; one line per evaluation: step, eval {domain: held-out ce}).
-      corpus: `mixtral_jax.corpus.load_corpus(folder)`.
+      corpus: `mixtral_jax.corpus.load_corpus(folder)`, or None with `batches`.
       mesh: a mesh to train on (data parallel over `data`, parameters per the sharding rules).
       progress: show a progress bar (on stderr, when it is a terminal).
       params: initial parameters instead of a fresh init (ignored when resuming).
       stop_after: stop (and save) once this many steps are done, as an interruption would; a
         later call resumes. None runs to `tc.steps`.
+      batches: instead of the corpus, step -> (tokens [K·B, S+1], lengths [K·B], loss mask
+        [K·B, S+1] or None) as numpy arrays, a pure function of the step (so resuming is exact);
+        no held-out evaluation then.
+      base, lora: LoRA: the state holds a fresh adapter (`lora_lib.init_adapter`, seed tc.seed)
+        and only it is trained; `base` is the frozen model (placed on `mesh` by the caller).
+      extra_meta: further facts of the run (JSON) a resume must find unchanged, e.g. the data's digest.
     Returns:
       {"state": TrainState, "history": the metrics records of this call, "eval": the last eval}.
     Raises:
@@ -397,11 +415,18 @@ def train(config: MixtralConfig, tc: TrainConfig, out: str, corpus, *, mesh=None
         os.path.abspath(os.path.join(out, CHECKPOINTS)),
         options=ocp.CheckpointManagerOptions(max_to_keep=tc.keep, enable_async_checkpointing=True))
     metrics_path = os.path.join(out, METRICS_FILE)
-    state = init_state(config, tc, mesh, params)
+    if lora is not None:
+        adapter = lora_lib.init_adapter(config, lora, tc.seed)
+        if mesh is not None:
+            adapter = jax.tree.map(lambda a: jax.device_put(a, sharding_for(a.shape, (None,) * a.ndim, mesh)), adapter)
+        state = TrainState(jnp.zeros((), jnp.int32), adapter, jax.jit(make_optimizer(tc).init)(adapter))
+        extra_meta = {**(extra_meta or {}), "lora": dataclasses.asdict(lora)}
+    else:
+        state = init_state(config, tc, mesh, params)
     latest = manager.latest_step()
     if latest is not None:
         meta = manager.restore(latest, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-        _check_resumable(meta, config, tc, out)
+        _check_resumable(meta, config, tc, out, extra_meta)
         abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
                                 dataclasses.asdict(state))
         restored = manager.restore(latest, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
@@ -413,7 +438,7 @@ def train(config: MixtralConfig, tc: TrainConfig, out: str, corpus, *, mesh=None
     def save(step: int) -> None:
         if manager.latest_step() != step:
             manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(dataclasses.asdict(state)),
-                                                       meta=ocp.args.JsonSave(_run_meta(config, tc))))
+                                                       meta=ocp.args.JsonSave(_run_meta(config, tc, extra_meta))))
 
     place = _placer(tc, mesh)
     history, last_eval = [], None
@@ -422,10 +447,14 @@ def train(config: MixtralConfig, tc: TrainConfig, out: str, corpus, *, mesh=None
     try:
         with open(metrics_path, "a", encoding="utf-8") as log_file:
             while step < min(tc.steps, stop_after or tc.steps):
-                tokens = batch_at(corpus, "train", step, tc, rows=tc.batch_size * tc.grad_accum)
-                lengths = np.full((len(tokens),), tokens.shape[1], np.int32)
-                state, metrics = train_step_jit(config, tc, state, *place(tokens, lengths), mesh=mesh)
-                step, seen = step + 1, seen + tokens[:, 1:].size
+                if batches is None:
+                    tokens = batch_at(corpus, "train", step, tc, rows=tc.batch_size * tc.grad_accum)
+                    lengths, loss_mask = np.full((len(tokens),), tokens.shape[1], np.int32), None
+                else:
+                    tokens, lengths, loss_mask = batches(step)
+                state, metrics = train_step_jit(config, tc, state, *place(tokens, lengths, loss_mask), mesh=mesh,
+                                                base=base, lora=lora)
+                step, seen = step + 1, seen + int(np.sum(np.maximum(lengths - 1, 0)))
                 if step % tc.log_every == 0 or step == tc.steps:
                     now = time.perf_counter()
                     record = {"step": step, **_to_python(metrics), "tokens_per_s": seen / (now - clock)}
@@ -434,7 +463,7 @@ def train(config: MixtralConfig, tc: TrainConfig, out: str, corpus, *, mesh=None
                     log_file.write(json.dumps(record) + "\n")
                     log_file.flush()
                     bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
-                if step % tc.eval_every == 0 or step == tc.steps:
+                if corpus is not None and (step % tc.eval_every == 0 or step == tc.steps):
                     last_eval = evaluate(config, tc, state.params, corpus, place, mesh)
                     log_file.write(json.dumps({"step": step, "eval": last_eval}) + "\n")
                     log_file.flush()

@@ -9,10 +9,10 @@ import logging
 import os
 import sys
 
-from . import convert, evals, generate, plan, routing, serve, train
+from . import convert, evals, finetune, generate, plan, routing, serve, train
 from .common import PROG, Parser, UsageError, init_distributed
 
-_GROUPS = (convert, generate, evals, serve, plan, train, routing)
+_GROUPS = (convert, generate, evals, serve, plan, train, finetune, routing)
 
 
 def build_parser() -> Parser:

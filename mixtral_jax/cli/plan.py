@@ -25,16 +25,16 @@ def cmd_plan(args) -> int:
     device_memory = parse_bytes(args.device_memory) if args.device_memory else None
     if args.prefill_chunk is not None and args.prefill_chunk < 0:
         raise UsageError(f"--prefill-chunk must be >= 0, got {args.prefill_chunk}")
+    if args.train:
+        return _plan_train(args, config, sizes, device_memory)
+    if args.lora is not None:
+        raise UsageError("--lora plans training: add --train")
     p = plan_memory(config, sizes, dtype=args.dtype, batch=args.batch, max_seq_len=args.max_seq_len,
                     prompt_len=args.prompt_len, quantize=args.quantize, kv_dtype=args.kv_dtype,
                     prefill_chunk=args.prefill_chunk)
-    result = {"mesh": sizes, "devices": math.prod(sizes.values()), "dtype": args.dtype,
-              "quantize": args.quantize,
-              "batch": args.batch, "max_seq_len": args.max_seq_len or config.max_seq_len,
-              "per_device_bytes": p, "device_memory": device_memory,
-              "fits": None if device_memory is None else p["total"] <= device_memory}
-    if args.json:
-        print(json.dumps(result, indent=2))
+    result = _result(args, p, device_memory, mesh=sizes, devices=math.prod(sizes.values()), dtype=args.dtype,
+                     quantize=args.quantize, batch=args.batch, max_seq_len=args.max_seq_len or config.max_seq_len)
+    if result is None:
         return 0
     gb = lambda n: f"{n / 1e9:8.2f} GB"  # noqa: E731
     mesh_text = ",".join(f"{k}={v}" for k, v in sizes.items())
@@ -48,6 +48,49 @@ def cmd_plan(args) -> int:
     print(f"  activations (peak)    {gb(p['activations'])}  (prefill step {gb(p['prefill_activations']).strip()}, "
           f"decode step {gb(p['decode_activations']).strip()})")
     print(f"  total                 {gb(p['total'])}")
+    if device_memory is not None:
+        verdict = "fits" if result["fits"] else "does NOT fit"
+        print(f"{verdict} in {device_memory / 1e9:.2f} GB per device")
+    return 0
+
+
+def _result(args, p, device_memory, **fields) -> dict | None:
+    """The plan's result dict, or None once printed as JSON (--json)."""
+    result = {**fields, "per_device_bytes": p, "device_memory": device_memory,
+              "fits": None if device_memory is None else p["total"] <= device_memory}
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return None
+    return result
+
+
+def _plan_train(args, config, sizes, device_memory) -> int:
+    from mixtral_jax.lora import LoraConfig, parse_targets
+    from mixtral_jax.plan import plan_training
+
+    lora = None if args.lora is None else LoraConfig(rank=args.lora, alpha=2.0 * args.lora,
+                                                     targets=parse_targets(args.lora_targets))
+    p = plan_training(config, sizes, batch=args.batch, seq_len=args.seq_len, remat=args.remat,
+                      compute_dtype=args.dtype, lora=lora)
+    result = _result(args, p, device_memory, mode="lora" if lora else "full", mesh=sizes,
+                     devices=math.prod(sizes.values()), compute_dtype=args.dtype, batch=args.batch,
+                     seq_len=args.seq_len, remat=args.remat,
+                     lora=None if lora is None else {"rank": lora.rank, "targets": list(lora.targets)})
+    if result is None:
+        return 0
+    gb = lambda n: f"{n / 1e9:9.2f} GB"  # noqa: E731
+    mesh_text = ",".join(f"{k}={v}" for k, v in sizes.items())
+    what = f"LoRA rank {lora.rank} on {','.join(lora.targets)}" if lora else "full fine-tuning"
+    print(f"per-device training memory, {what}, AdamW, {args.dtype} compute, mesh {mesh_text} "
+          f"({result['devices']} devices), batch {args.batch} x {args.seq_len} tokens, remat {args.remat}:")
+    print(f"  parameters            {gb(p['parameters'])}" + ("  (frozen base + adapter)" if lora else "  (float32 master)"))
+    if p["compute_copy"]:
+        print(f"  {args.dtype} copy         {gb(p['compute_copy'])}")
+    print(f"  gradients             {gb(p['gradients'])}")
+    print(f"  optimizer state       {gb(p['optimizer_state'])}")
+    print(f"  activations (est.)    {gb(p['activations'])}")
+    print(f"  total                 {gb(p['total'])}")
+    print(f"  trainable parameters  {p['trainable_params'] / 1e9:9.3f} B")
     if device_memory is not None:
         verdict = "fits" if result["fits"] else "does NOT fit"
         print(f"{verdict} in {device_memory / 1e9:.2f} GB per device")
@@ -82,6 +125,13 @@ def add_parsers(sub) -> None:
                       help="KV cache dtype (default: --dtype); int8 adds a float32 scale per token and head")
     plan.add_argument("--device-memory", help="e.g. 16GB: say whether the plan fits")
     plan.add_argument("--quantize", choices=["int8"], help="int8 expert and attention weights")
+    plan.add_argument("--train", action="store_true", help="plan a training step instead: parameters, "
+                                                           "gradients, optimizer state, activations")
+    plan.add_argument("--lora", type=int, metavar="RANK", help="with --train: LoRA of this rank")
+    plan.add_argument("--lora-targets", default="q,k,v,o", help="with --lora: q,k,v,o[,experts]")
+    plan.add_argument("--seq-len", type=int, default=4096, help="with --train: tokens per row (default 4096)")
+    plan.add_argument("--remat", choices=["none", "layer", "dots"], default="layer",
+                      help="with --train: rematerialisation (default layer)")
     plan.add_argument("--json", action="store_true")
     plan.set_defaults(func=cmd_plan)
 

@@ -35,7 +35,7 @@ def cmd_train(args) -> int:
                         learning_rate=args.lr, warmup_steps=args.warmup, weight_decay=args.weight_decay,
                         grad_clip=args.clip, z_loss_coef=args.z_loss, seed=args.seed,
                         log_every=args.log_every, eval_every=args.eval_every, save_every=args.save_every,
-                        keep=args.keep, domain_weights=weights)
+                        keep=args.keep, domain_weights=weights, remat=args.remat, grad_accum=args.grad_accum)
     if tc.seq_len > config.max_seq_len:
         raise UsageError(f"--seq-len {tc.seq_len} exceeds the model's context ({config.max_seq_len})")
     mesh = None
@@ -78,7 +78,10 @@ def add_parsers(sub) -> None:
     tr.add_argument("--eval-every", type=int, default=100)
     tr.add_argument("--save-every", type=int, default=50)
     tr.add_argument("--keep", type=int, default=3, help="checkpoints kept")
-    tr.add_argument("--mesh", help="e.g. data=2 (data parallel over host devices)")
+    tr.add_argument("--mesh", help="e.g. data=2, fsdp=8 or fsdp=4,expert=2 (over host devices)")
+    tr.add_argument("--remat", choices=["none", "layer", "dots"], default="none",
+                    help="recompute each decoder layer in the backward pass (layer), or all but its matmuls (dots)")
+    tr.add_argument("--grad-accum", type=int, default=1, help="micro-batches of --batch-size rows per step")
     tr.add_argument("--domain-weights", default="0.6,0.25,0.15",
                     help="share of training rows drawn from code,prose,math")
     tr.add_argument("--corpus-packages", help="comma-separated installed packages whose Python sources "
