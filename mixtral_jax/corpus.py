@@ -19,6 +19,9 @@ duplicates of files already taken are dropped, and so is any file that shares a 
 its substantial lines with a held-out stdlib file (vendored stdlib copies such as setuptools'
 distutils). Files are taken in CRC32 order of their paths up to `max_package_tokens` code tokens per
 package; the manifest records each package's version and the files used and dropped.
+
+With `strip_docstrings`, the training split's code documents lose their docstrings (the prose
+domain still has them; held-out code is unchanged, so held-out losses compare across recipes).
 """
 
 from __future__ import annotations
@@ -94,6 +97,34 @@ def is_val(relpath: str, val_percent: float) -> bool:
     return zlib.crc32(relpath.encode()) % 10000 >= 10000 - val_percent * 100
 
 
+def without_docstrings(source: str) -> str:
+    """The source with its docstrings' lines removed (a body left empty gets `pass`); the rest, comments
+    and formatting included, unchanged. A file that does not parse is returned as it is."""
+    try:
+        tree = ast.parse(source)
+    except (SyntaxError, ValueError):
+        return source
+    lines = source.splitlines(keepends=True)
+    drop: dict[int, str | None] = {}  # first line (0-based) -> replacement; covered lines -> None
+    for node in ast.walk(tree):
+        if not isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) or not node.body:
+            continue
+        first = node.body[0]
+        if not (isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant)
+                and isinstance(first.value.value, str)):
+            continue
+        start, end = first.lineno - 1, first.end_lineno - 1
+        text = lines[start]
+        if text[:first.col_offset].strip() or lines[end][first.end_col_offset:].strip():
+            continue  # shares a line with other code
+        indent = text[:first.col_offset]
+        drop[start] = f"{indent}pass\n" if len(node.body) == 1 else None
+        for i in range(start + 1, end + 1):
+            drop[i] = None
+    return "".join(drop.get(i, line) if i in drop else line for i, line in enumerate(lines)
+                   if not (i in drop and drop[i] is None))
+
+
 def prose_of(source: str) -> str:
     """Docstrings and comment blocks of a Python source, longer than 80 characters, as paragraphs."""
     parts = []
@@ -139,7 +170,8 @@ def math_documents(n: int, seed: int) -> Iterator[str]:
 
 def build_corpus(out: str, *, tokenizer: Tokenizer | None = None, stdlib: str | None = None,
                  val_percent: float = 5.0, math_docs: int = 1000, seed: int = 0,
-                 packages: tuple[str, ...] = (), max_package_tokens: int | None = None) -> dict:
+                 packages: tuple[str, ...] = (), max_package_tokens: int | None = None,
+                 strip_docstrings: bool = False) -> dict:
     """Build the corpus into folder `out` (created; an existing complete corpus is left alone and
     returned, unless `packages` are asked for and it was built from others: ValueError).
 
@@ -152,6 +184,8 @@ def build_corpus(out: str, *, tokenizer: Tokenizer | None = None, stdlib: str | 
       seed: math generator seed.
       packages: installed top-level packages whose Python sources add training code and prose.
       max_package_tokens: code tokens taken from each package at most (None: all).
+      strip_docstrings: the training split's code documents without their docstrings
+        (`without_docstrings`; prose still takes them; held-out code unchanged).
     Returns:
       The manifest: token counts per split and domain, the recipe, the held-out files and, per
       package, its version and the files used and dropped.
@@ -162,16 +196,21 @@ def build_corpus(out: str, *, tokenizer: Tokenizer | None = None, stdlib: str | 
               "tokenizer": "mixtral v1", "vocab_size": tokenizer.vocab_size}
     if packages:
         recipe |= {"packages": list(packages), "max_package_tokens": max_package_tokens}
+    if strip_docstrings:
+        recipe["strip_docstrings"] = True
     if os.path.isfile(os.path.join(out, MANIFEST)):
         manifest = read_corpus_manifest(out)
         built = [manifest["recipe"].get(k) for k in ("packages", "max_package_tokens")]
         if packages and built != [list(packages), max_package_tokens]:
             raise ValueError(f"{out}: holds a corpus built from other packages; use a new folder")
+        if manifest["recipe"].get("strip_docstrings", False) != strip_docstrings:
+            raise ValueError(f"{out}: holds a corpus built with{'out' if strip_docstrings else ''} "
+                             "docstrings in its training code; use a new folder")
         return manifest
     streams: dict[tuple[str, str], list[int]] = {(s, d): [] for s in SPLITS for d in DOMAINS}
 
     def add(split: str, source: str) -> int:
-        code = tokenizer.encode(source)
+        code = tokenizer.encode(without_docstrings(source) if strip_docstrings and split == "train" else source)
         streams[split, "code"] += code
         prose = prose_of(source)
         if prose:

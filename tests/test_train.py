@@ -11,7 +11,7 @@ import pytest
 
 import mixtral_jax as mj
 from mixtral_jax import train as tr
-from mixtral_jax.corpus import DOMAINS, SPLITS, build_corpus, load_corpus, prose_of, unigram_loss
+from mixtral_jax.corpus import DOMAINS, SPLITS, build_corpus, load_corpus, prose_of, unigram_loss, without_docstrings
 from conftest import GQA, hf_model
 from tolerances import AUX_ATOL, GRAD_TOL, LOGITS_ATOL
 
@@ -200,6 +200,28 @@ def test_corpus_split_by_file_and_domains(tmp_path):
     assert "=" in tok.decode(corpus["val", "math"][:40].tolist())
     baseline = unigram_loss(corpus, tok.vocab_size)
     assert set(baseline) == set(DOMAINS) and all(v > 0 for v in baseline.values())
+
+    stripped = build_corpus(str(tmp_path / "stripped"), tokenizer=tok, stdlib=str(lib), val_percent=20, math_docs=10,
+                            strip_docstrings=True)
+    plain_corpus, stripped_corpus = corpus, load_corpus(str(tmp_path / "stripped"))
+    assert "docstring long enough" not in tok.decode(stripped_corpus["train", "code"].tolist())
+    assert "def f" in tok.decode(stripped_corpus["train", "code"][:100].tolist())
+    for key in [("val", d) for d in DOMAINS] + [("train", "prose"), ("train", "math")]:  # only training code changes
+        assert np.array_equal(stripped_corpus[key], plain_corpus[key]), key
+    assert stripped["recipe"]["strip_docstrings"] is True
+    with pytest.raises(ValueError, match="docstrings"):
+        build_corpus(str(tmp_path / "stripped"), tokenizer=tok, stdlib=str(lib))
+
+
+@pytest.mark.parametrize("source, expected", [
+    ('"""Module."""\nimport os\n', "import os\n"),
+    ('def f():\n    """Only a docstring."""\n', "def f():\n    pass\n"),
+    ('class A:\n    """Two\n    lines."""\n    x = 1  # kept\n', "class A:\n    x = 1  # kept\n"),
+    ('def g(): """same line"""\n', 'def g(): """same line"""\n'),           # shares its line: kept
+    ("def broken(:\n", "def broken(:\n"),                                      # does not parse: unchanged
+])
+def test_without_docstrings(source, expected):
+    assert without_docstrings(source) == expected
 
 
 def test_corpus_packages_add_training_code_without_held_out_copies(tmp_path, monkeypatch):

@@ -28,6 +28,7 @@ def add_model_args(p) -> None:
                    help="compute dtype (default: float32 on CPU, bfloat16 on GPU/TPU)")
     p.add_argument("--mesh", help="shard over a device mesh, e.g. data=2,expert=4,tensor=1 "
                                   "(default: one device)")
+    p.add_argument("--adapter", help="a LoRA adapter folder (finetune --lora writes OUT/adapter), run unmerged")
     p.add_argument("--coordinator", help="multi-host: host:port of process 0 (jax.distributed); "
                                          "default $JAX_COORDINATOR_ADDRESS")
     p.add_argument("--num-processes", type=int, help="multi-host: process count (default $JAX_NUM_PROCESSES)")
@@ -60,7 +61,7 @@ def load_model(args):
         from mixtral_jax.sharding import make_mesh, parse_mesh
 
         mesh = make_mesh(**parse_mesh(args.mesh))
-    model = mj.load(path, dtype=args.dtype, mesh=mesh)
+    model = mj.load(path, dtype=args.dtype, mesh=mesh, adapter=getattr(args, "adapter", None))
     try:
         model.tokenizer = tokenizer_for(model)
     except ValueError:

@@ -47,8 +47,15 @@ def cmd_train(args) -> int:
     packages = tuple(p for p in (args.corpus_packages or "").split(",") if p)
     if args.max_package_tokens is not None and args.max_package_tokens < 1:
         raise UsageError(f"--max-package-tokens must be >= 1, got {args.max_package_tokens}")
-    build_corpus(corpus_dir, tokenizer=tok, packages=packages, max_package_tokens=args.max_package_tokens)
-    result = tr.train(config, tc, out, load_corpus(corpus_dir), mesh=mesh)
+    build_corpus(corpus_dir, tokenizer=tok, packages=packages, max_package_tokens=args.max_package_tokens,
+                 strip_docstrings=args.strip_docstrings)
+    params = None
+    if args.init:
+        start = mj.load(args.init, dtype="float32", layout="stacked")
+        if start.config != config:
+            raise UsageError(f"--init {args.init}: its config differs from the model's ({start.config} vs {config})")
+        params = start.params
+    result = tr.train(config, tc, out, load_corpus(corpus_dir), mesh=mesh, params=params)
     model_dir = os.path.join(out, "model")
     if not os.path.exists(model_dir):
         save(model_dir, config, result["state"].params, dtype=args.export_dtype, tokenizer=tok.path)
@@ -87,6 +94,10 @@ def add_parsers(sub) -> None:
     tr.add_argument("--corpus-packages", help="comma-separated installed packages whose Python sources "
                                               "add training code and prose (TRAINING.md)")
     tr.add_argument("--max-package-tokens", type=int, help="code tokens taken per package at most")
+    tr.add_argument("--strip-docstrings", action="store_true",
+                    help="training code without docstrings (prose keeps them; held-out code unchanged)")
+    tr.add_argument("--init", metavar="CKPT", help="start from this checkpoint's weights (same config) "
+                                                   "instead of a random init")
     tr.add_argument("--export-dtype", choices=["float32", "bfloat16", "float16"], default="float32",
                     help="dtype of OUT/model")
     tr.set_defaults(func=cmd_train)
