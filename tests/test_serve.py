@@ -59,8 +59,15 @@ def metric(url, name) -> float:
     raise KeyError(name)
 
 
+def served_defaults(model):
+    """What the server applies to omitted fields besides temperature and length: the checkpoint's
+    generation_config.json penalties and filters (the demo model ships a repetition penalty)."""
+    keep = ("repetition_penalty", "presence_penalty", "frequency_penalty", "top_k", "top_p", "min_p")
+    return {k: v for k, v in model.generation_config_kwargs().items() if k in keep}
+
+
 def greedy_text(model, ids, n):
-    new = mj.generate(model, [ids], max_new_tokens=n)[0]
+    new = mj.generate(model, [ids], max_new_tokens=n, **served_defaults(model))[0]
     return text_in_context(model.tokenizer, ids, new), new
 
 
@@ -95,7 +102,8 @@ def test_completion_chat_stream_usage_and_n(demo):
 
     two = c.completions.create(model="demo", prompt=prompt, max_tokens=12, temperature=1.0, seed=5, n=2)
     assert [ch.index for ch in two.choices] == [0, 1] and all(ch.finish_reason for ch in two.choices)
-    sampled = mj.generate(model, [tok.encode(prompt)] * 2, max_new_tokens=12, temperature=1.0, seed=[5, 6])
+    sampled = mj.generate(model, [tok.encode(prompt)] * 2, max_new_tokens=12, temperature=1.0, seed=[5, 6],
+                          **served_defaults(model))
     assert [ch.text for ch in two.choices] == [text_in_context(tok, tok.encode(prompt), s) for s in sampled]
     assert two.usage.completion_tokens == sum(map(len, sampled))  # choice i samples with seed + i
 
@@ -108,7 +116,7 @@ def test_logprobs_and_routing(demo):
     assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == 6
     assert all(len(t) == 3 for t in lp.top_logprobs) and all(v <= 0 for v in lp.token_logprobs)
     ids = model.tokenizer.encode("import os")
-    _, ref = mj.generate(model, [ids], max_new_tokens=6, logprobs=True)
+    _, ref = mj.generate(model, [ids], max_new_tokens=6, logprobs=True, **served_defaults(model))
     np.testing.assert_allclose(lp.token_logprobs, ref[0], atol=1e-4)
     chat = c.chat.completions.create(model="demo", messages=[{"role": "user", "content": "hi"}], max_tokens=4,
                                      temperature=0, logprobs=True, top_logprobs=2)
