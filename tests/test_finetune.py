@@ -167,12 +167,15 @@ def test_finetune_cli_lora_then_full(tmp_path, chat_ckpt):
     ('{"messages": [{"role": "user", "content": "hi"}]}', "must end with an assistant"),
     ('{"text": 3}', '"text" must be'),
 ])
-def test_finetune_bad_lines_are_input_errors_naming_the_line(tmp_path, chat_ckpt, line, message):
+def test_finetune_bad_lines_are_input_errors_naming_the_line(tmp_path, chat_ckpt, line, message, capsys):
+    from mixtral_jax.cli import main  # in process: the subprocess path is covered above
+
     good = json.dumps({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]})
     data = tmp_path / "data.jsonl"
     data.write_text(good + "\n" + line + "\n")
-    proc = cli("finetune", chat_ckpt, data, tmp_path / "out", "--steps", "1", rc=2)
-    assert f"{data}:2:" in proc.stderr and message in proc.stderr
+    assert main(["finetune", str(chat_ckpt), str(data), str(tmp_path / "out"), "--steps", "1"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and f"{data}:2:" in err and message in err
     assert not (tmp_path / "out").exists()
 
 
