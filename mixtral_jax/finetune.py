@@ -102,10 +102,12 @@ def batch(examples: Examples, step: int, rows: int, seq_len: int, seed: int = 0)
     tokens = np.zeros((rows, seq_len + 1), np.int32)
     mask = np.zeros((rows, seq_len + 1), np.int32)
     lengths = np.zeros((rows,), np.int32)
+    orders: dict[int, np.ndarray] = {}  # a step's rows span at most a few epochs
     for r in range(rows):
-        position = step * rows + r
-        epoch, index = divmod(position, n)
-        example = np.random.default_rng([seed, epoch]).permutation(n)[index]
+        epoch, index = divmod(step * rows + r, n)
+        if epoch not in orders:
+            orders[epoch] = np.random.default_rng([seed, epoch]).permutation(n)
+        example = orders[epoch][index]
         ids = examples.ids[example]
         tokens[r, :len(ids)], mask[r, :len(ids)], lengths[r] = ids, examples.masks[example], len(ids)
     return tokens, lengths, mask

@@ -34,24 +34,32 @@ def tok():
     return Tokenizer()
 
 
-@pytest.fixture(scope="module")
-def reference():
+def mistral_common_encoder(finetuning: bool = False):
+    """mistral-common's v1 encoding (in its finetuning validation mode if asked): a function giving a
+    conversation's token ids, or None when mistral-common rejects it."""
     from mistral_common.protocol.instruct.messages import AssistantMessage, SystemMessage, UserMessage
     from mistral_common.protocol.instruct.request import ChatCompletionRequest
+    from mistral_common.protocol.instruct.validator import MistralRequestValidator, ValidationMode
     from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
     mt = MistralTokenizer.v1()
+    if finetuning:
+        mt = MistralTokenizer(mt.instruct_tokenizer, MistralRequestValidator(ValidationMode.finetuning),
+                              mt._instruct_request_normalizer)
     classes = {"system": SystemMessage, "user": UserMessage, "assistant": AssistantMessage}
 
     def encode(messages):
-        """mistral-common's token ids, or None when it rejects the conversation."""
         try:
-            request = ChatCompletionRequest(messages=[classes[m["role"]](content=m["content"])
-                                                      for m in messages])
+            request = ChatCompletionRequest(messages=[classes[m["role"]](content=m["content"]) for m in messages])
             return mt.encode_chat_completion(request).tokens
         except Exception:  # noqa: BLE001 - any rejection counts as "invalid"
             return None
     return encode
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return mistral_common_encoder()
 
 
 def test_special_ids(tok):
@@ -88,24 +96,7 @@ def test_valid_exactly_when_mistral_common_accepts(tok, reference):
 
 @pytest.fixture(scope="module")
 def finetuning_reference():
-    """mistral-common's encoding in its finetuning validation mode (None when it rejects)."""
-    from mistral_common.protocol.instruct.messages import AssistantMessage, SystemMessage, UserMessage
-    from mistral_common.protocol.instruct.request import ChatCompletionRequest
-    from mistral_common.protocol.instruct.validator import MistralRequestValidator, ValidationMode
-    from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
-
-    v1 = MistralTokenizer.v1()
-    mt = MistralTokenizer(v1.instruct_tokenizer, MistralRequestValidator(ValidationMode.finetuning),
-                          v1._instruct_request_normalizer)
-    classes = {"system": SystemMessage, "user": UserMessage, "assistant": AssistantMessage}
-
-    def encode(messages):
-        try:
-            request = ChatCompletionRequest(messages=[classes[m["role"]](content=m["content"]) for m in messages])
-            return mt.encode_chat_completion(request).tokens
-        except Exception:  # noqa: BLE001 - any rejection counts as "invalid"
-            return None
-    return encode
+    return mistral_common_encoder(finetuning=True)
 
 
 def _answers_only(tok, messages, ids, mask):
