@@ -42,7 +42,7 @@ DEFAULT_BLOCK = 256
 
 def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, kv_len: jax.Array, *,
                         sliding_window: int | None = None, block_q: int = DEFAULT_BLOCK,
-                        block_k: int = DEFAULT_BLOCK, skip: bool = True) -> jax.Array:
+                        block_k: int = DEFAULT_BLOCK, skip: bool = True, rows=None) -> jax.Array:
     """Online-softmax attention over key blocks, GQA without repeating K/V.
 
     Args:
@@ -54,6 +54,9 @@ def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Arr
       sliding_window: hide keys this many positions back or further; None for no window.
       block_q, block_k: tile sizes (clipped to T and S).
       skip: compute only the key blocks a query block can see (False: all of them; the same result).
+      rows: [B] int the rows of k and v that the queries' rows read (k and v then hold more rows:
+        a server's cache of every slot); None: row b. Only the visible blocks of those rows are
+        read, never a whole row.
     Returns:
       [B, T, N, H] in q's dtype.
     """
@@ -89,7 +92,7 @@ def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Arr
             m, l, acc = carry
             # Blocks are sliced from the cache's own [B, S, K, H] layout and only they are made
             # heads-major: a decode step then reads the filled part of the cache, not all of it.
-            kj, vj = (_block(x, j * bk, bk, q.dtype).transpose(0, 2, 1, 3) for x in (k, v))  # [B, K, s, H]
+            kj, vj = (_block(x, j * bk, bk, q.dtype, rows).transpose(0, 2, 1, 3) for x in (k, v))  # [B, K, s, H]
             scores = jnp.einsum("bkgqh,bksh->bkgqs", qi, kj,
                                 preferred_element_type=jnp.float32) * scale          # [B, K, G, q, s]
             slot = j * bk + jnp.arange(bk, dtype=jnp.int32)
@@ -125,9 +128,12 @@ def _values(x):
     return x.values if isinstance(x, Quantized) else x
 
 
-def _block(x, start, size: int, dtype) -> jax.Array:
-    """Slots [start, start + size) of a [B, S, K, H] cache (a Quantized one dequantised) as `dtype`."""
+def _block(x, start, size: int, dtype, rows=None) -> jax.Array:
+    """Slots [start, start + size) of a [B, S, K, H] cache (a Quantized one dequantised) as `dtype`,
+    of its rows `rows` (None: all)."""
     part = jax.tree.map(lambda a: jax.lax.dynamic_slice_in_dim(a, start, size, axis=1), x)
+    if rows is not None:
+        part = jax.tree.map(lambda a: jnp.take(a, rows, axis=0), part)
     return dequantize(part, dtype) if isinstance(x, Quantized) else part
 
 
@@ -196,14 +202,17 @@ def choose(name: str, q, k, chunk: Chunk, sliding_window=None, platform: str | N
     return chosen
 
 
-def attend(name: str, q, k, v, q_pos, kv_len, chunk: Chunk, *, sliding_window=None) -> jax.Array:
+def attend(name: str, q, k, v, q_pos, kv_len, chunk: Chunk, *, sliding_window=None, rows=None) -> jax.Array:
     """Attention by implementation `name` (or "auto"); shapes as `blockwise_attention`, `chunk` the new
-    tokens' own keys and values (k, v being the cache they were written to, or themselves)."""
+    tokens' own keys and values (k, v being the cache they were written to, or themselves; `rows`
+    the cache rows the queries read, as `blockwise_attention`'s)."""
     name = choose(name, q, k, chunk, sliding_window)
+    if name == "blockwise":
+        return blockwise_attention(q, k, v, q_pos, kv_len, sliding_window=sliding_window, rows=rows)
+    if rows is not None:  # the other paths take the rows themselves (a copy of each)
+        k, v = (jax.tree.map(lambda a: jnp.take(a, rows, axis=0), x) for x in (k, v))
     if name == "materialized":
         return materialized_attention(q, k, v, q_pos, kv_len, sliding_window=sliding_window)
-    if name == "blockwise":
-        return blockwise_attention(q, k, v, q_pos, kv_len, sliding_window=sliding_window)
     past = None if chunk.offset is None else (k, v, chunk.offset)
     if name == "cudnn":
         return sdpa_attention(q, chunk, past, sliding_window=sliding_window)

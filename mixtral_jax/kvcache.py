@@ -89,9 +89,10 @@ def dequantize(x, dtype=jnp.float32) -> jax.Array:
     return x.astype(dtype)
 
 
-def write(layer: dict[str, Any], k: jax.Array, v: jax.Array, write_pos: jax.Array) -> dict[str, Any]:
-    """The layer's cache with k, v [B, T, K, H] written at slots `write_pos` [B, T] (slot S: dropped)."""
-    rows = jnp.arange(k.shape[0])[:, None]
+def write(layer: dict[str, Any], k: jax.Array, v: jax.Array, write_pos: jax.Array, rows=None) -> dict[str, Any]:
+    """The layer's cache with k, v [B, T, K, H] written at slots `write_pos` [B, T] (slot S: dropped)
+    of cache rows `rows` [B] (None: row b for batch b)."""
+    rows = (jnp.arange(k.shape[0]) if rows is None else rows)[:, None]
     if "k_scale" not in layer:
         return {name: layer[name].at[rows, write_pos].set(x.astype(layer[name].dtype), mode="drop")
                 for name, x in (("k", k), ("v", v))}

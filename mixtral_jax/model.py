@@ -265,81 +265,142 @@ def _report_dropped(dropped, capacity_factor):
 REMAT = ("none", "layer", "dots")
 
 
-def decoder(config: MixtralConfig, params, tokens, lengths, cache, *, moe_strategy="auto",
-            capacity_factor=None, group_size=DEFAULT_GROUP_SIZE, mesh=None, attention="auto", remat="none"):
-    """The traced body of `forward` without the output projection.
+class Segment(NamedTuple):
+    """Sequences that run through the decoder together with other segments (`decoder_segments`).
+
+    tokens: [B, T] int32; lengths: [B] valid tokens per row (None: all T); rows: [B] int32 the
+    cache rows they live in (None: row b for sequence b)."""
+    tokens: jax.Array
+    lengths: jax.Array | None = None
+    rows: jax.Array | None = None
+
+
+class _Positions(NamedTuple):
+    """A segment's per-token positions and masks, shared by every layer."""
+    rope: tuple
+    q_pos: jax.Array        # [B, T]
+    q_valid: jax.Array      # [B, T]
+    new_len: jax.Array      # [B]
+    offset: jax.Array       # [B] cache slots filled before this call
+    write_pos: jax.Array | None  # [B, T] cache slot per token (S: dropped)
+    rows: jax.Array | None
+
+
+def decoder(config: MixtralConfig, params, tokens, lengths, cache, *, cache_rows=None, **kwargs):
+    """The traced body of `forward` without the output projection: `decoder_segments` with one
+    segment (keyword arguments as there).
+
+    Returns:
+      (hidden [B, T, D] after the final norm, cache or None, router logits [L, B, T, E], dropped).
+    """
+    (hidden,), cache, (router_logits,), dropped = decoder_segments(
+        config, params, [Segment(tokens, lengths, cache_rows)], cache, **kwargs)
+    return hidden, cache, router_logits, dropped
+
+
+def decoder_segments(config: MixtralConfig, params, segments, cache, *, moe_strategy="auto", capacity_factor=None,
+                     group_size=DEFAULT_GROUP_SIZE, mesh=None, attention="auto", remat="none"):
+    """Several batches of sequences through the decoder at once: each segment attends within its
+    own cache rows, and all their tokens share each layer's MoE, so the expert weights are read
+    once per layer for all of them (a server's prompt chunk and its decode step in one pass).
+
+    Segments with a cache: `rows` place a segment in some of the cache's rows (one request's
+    prompt chunk written straight into its own row of a server's cache); their rows may overlap
+    only where one of them has no valid tokens, and the cache's lengths are updated in segment
+    order.
 
     `remat` (training): "layer" recomputes each decoder layer in the backward pass from its input
     (`jax.checkpoint`, nothing saved); "dots" keeps the layer's matmul outputs and recomputes the
     rest; "none" keeps everything.
 
     Returns:
-      (hidden [B, T, D] after the final norm, cache or None, router logits [L, B, T, E], dropped).
+      (per segment hidden [B, T, D] after the final norm, cache or None, per segment router logits
+      [L, B, T, E], dropped).
     """
     if remat not in REMAT:
         raise ValueError(f"remat must be one of {', '.join(REMAT)}, got {remat!r}")
-    b, t = tokens.shape
-    new_len = jnp.full((b,), t, jnp.int32) if lengths is None else lengths
-    offset = jnp.zeros((b,), jnp.int32) if cache is None else cache["lengths"]
-    q_pos = offset[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]             # [B, T]
-    q_valid = jnp.arange(t)[None, :] < new_len[:, None]                            # [B, T]
-    # Padding tokens are written to slot S, which the scatter drops.
-    write_pos = None if cache is None else jnp.where(q_valid, q_pos, cache[layer_name(0)]["k"].shape[1])
     attention_lib.check_name(attention)
-    rope = rope_angles(q_pos, config.head_dim, config.rope_theta)
+    positions, xs = [], []
+    new_cache = None if cache is None else {"lengths": cache["lengths"]}
+    for seg in segments:
+        b, t = seg.tokens.shape
+        new_len = jnp.full((b,), t, jnp.int32) if seg.lengths is None else seg.lengths
+        offset = (jnp.zeros((b,), jnp.int32) if cache is None
+                  else cache["lengths"] if seg.rows is None else cache["lengths"][seg.rows])
+        q_pos = offset[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]         # [B, T]
+        q_valid = jnp.arange(t)[None, :] < new_len[:, None]                        # [B, T]
+        # Padding tokens are written to slot S, which the scatter drops.
+        write_pos = None if cache is None else jnp.where(q_valid, q_pos, cache[layer_name(0)]["k"].shape[1])
+        positions.append(_Positions(rope_angles(q_pos, config.head_dim, config.rope_theta), q_pos, q_valid,
+                                    new_len, offset, write_pos, seg.rows))
+        xs.append(constrain(params["embed"][seg.tokens], ACT, mesh))                 # [B, T, D]
+        if cache is not None:
+            new_cache["lengths"] = (offset + new_len if seg.rows is None
+                                    else new_cache["lengths"].at[seg.rows].set(offset + new_len))
     block = functools.partial(_block, config, moe_strategy=moe_strategy, capacity_factor=capacity_factor,
                               group_size=group_size, mesh=mesh, attention=attention)
     if remat != "none":
         policy = (jax.checkpoint_policies.nothing_saveable if remat == "layer"
                   else jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
         block = jax.checkpoint(block, policy=policy)
-    x = constrain(params["embed"][tokens], ACT, mesh)                               # [B, T, D]
-    new_cache = None if cache is None else {"lengths": offset + new_len}
-    router_logits, dropped = [], jnp.zeros((), jnp.int32)
+    router_logits, dropped = [[] for _ in segments], jnp.zeros((), jnp.int32)
     for i in range(config.n_layers):
         layer_cache = None if cache is None else cache[layer_name(i)]
-        x, layer_cache, logits_i, dropped_i = block(params[layer_name(i)], x, rope, q_pos, q_valid, new_len,
-                                                    offset, layer_cache, write_pos)
+        xs, layer_cache, logits_i, dropped_i = block(params[layer_name(i)], xs, positions, layer_cache)
         if cache is not None:
             new_cache[layer_name(i)] = layer_cache
-        router_logits.append(logits_i)
+        for j, logits in enumerate(logits_i):
+            router_logits[j].append(logits)
         dropped = dropped + dropped_i
-    x = rms_norm(x, params["final_norm"], config.norm_eps)
-    return x, new_cache, jnp.stack(router_logits), dropped
+    hidden = [rms_norm(x, params["final_norm"], config.norm_eps) for x in xs]
+    return hidden, new_cache, [jnp.stack(r) for r in router_logits], dropped
+
+
+def _block(config, p, xs, positions, layer_cache, *, moe_strategy, capacity_factor, group_size, mesh, attention):
+    """One decoder layer over the segments' activations xs (each [B, T, D]) -> (xs, the layer's
+    cache or None, per segment router logits [B, T, E], dropped)."""
+    p = lora.apply_to_layer(p)  # a LoRA adapter's update, formed here so one layer's exists at a time
+    kv_axes = ("batch", "cache_sequence", "kv_heads", "head_dim")
+    hs = [rms_norm(x, p["attn_norm"], config.norm_eps) for x in xs]
+    wq, wk, wv, wo = (dequantize(p[k], hs[0].dtype) for k in ("wq", "wk", "wv", "wo"))
+    qkv = []
+    for h, pos in zip(hs, positions):
+        cos, sin = pos.rope
+        q = apply_rope(jnp.einsum("btd,dnh->btnh", h, wq), cos, sin)                # [B, T, N, H]
+        q = constrain(q, ("batch", "sequence", "q_heads", "head_dim"), mesh)
+        k = apply_rope(jnp.einsum("btd,dkh->btkh", h, wk), cos, sin)                # [B, T, K, H]
+        v = jnp.einsum("btd,dkh->btkh", h, wv)                                      # [B, T, K, H]
+        qkv.append((q, k, v))
+        if layer_cache is not None:
+            # Every segment writes before any reads: a write after a read of the same cache would
+            # make XLA copy the whole cache to keep the version read.
+            layer_cache = kvcache.write(layer_cache, k, v, pos.write_pos, pos.rows)   # [R, S, K, H] (+ scales)
+            layer_cache = {name: constrain(a, kv_axes[:a.ndim], mesh) for name, a in layer_cache.items()}
+    attended = []
+    for x, (q, k, v), pos in zip(xs, qkv, positions):
+        b, t = pos.q_pos.shape
+        chunk = attention_lib.Chunk(k, v, pos.new_len, None if layer_cache is None else pos.offset)
+        if layer_cache is not None:
+            k, v = kvcache.read(layer_cache)
+        attn = attention_lib.attend(attention, q, k, v, pos.q_pos, pos.offset + pos.new_len, chunk,
+                                    sliding_window=config.sliding_window, rows=pos.rows)  # [B, T, N, H]
+        # [B, T, N*H] @ [N*H, D]: XLA's CPU dot contracting (n, h) directly runs ~13x slower
+        o = jnp.einsum("btk,kd->btd", attn.reshape(b, t, -1), wo.reshape(-1, wo.shape[-1]))
+        attended.append(constrain(x + o, ACT, mesh))
+    h = jnp.concatenate([rms_norm(x, p["ffn_norm"], config.norm_eps).reshape(-1, x.shape[-1]) for x in attended])
+    valid = jnp.concatenate([pos.q_valid.reshape(-1) for pos in positions])
+    y, logits, dropped = moe(h, p, top_k=config.top_k, valid=valid, strategy=moe_strategy,
+                             capacity_factor=capacity_factor, group_size=group_size, mesh=mesh)
+    out, out_logits, at = [], [], 0
+    for x in attended:
+        n = x.shape[0] * x.shape[1]
+        out.append(constrain(x + y[at:at + n].reshape(x.shape), ACT, mesh))
+        out_logits.append(logits[at:at + n].reshape(*x.shape[:2], -1))
+        at += n
+    return out, layer_cache, out_logits, dropped
 
 
 ACT = ("batch", "sequence", "act_embed")
-
-
-def _block(config, p, x, rope, q_pos, q_valid, new_len, offset, layer_cache, write_pos, *, moe_strategy,
-           capacity_factor, group_size, mesh, attention):
-    """One decoder layer: x [B, T, D] -> (x, its cache or None, router logits [B, T, E], dropped)."""
-    p = lora.apply_to_layer(p)  # a LoRA adapter's update, formed here so one layer's exists at a time
-    b, t = q_pos.shape
-    cos, sin = rope
-    kv_axes = ("batch", "cache_sequence", "kv_heads", "head_dim")
-    h = rms_norm(x, p["attn_norm"], config.norm_eps)
-    wq, wk, wv, wo = (dequantize(p[k], h.dtype) for k in ("wq", "wk", "wv", "wo"))
-    q = apply_rope(jnp.einsum("btd,dnh->btnh", h, wq), cos, sin)                   # [B, T, N, H]
-    q = constrain(q, ("batch", "sequence", "q_heads", "head_dim"), mesh)
-    k = apply_rope(jnp.einsum("btd,dkh->btkh", h, wk), cos, sin)                   # [B, T, K, H]
-    v = jnp.einsum("btd,dkh->btkh", h, wv)                                         # [B, T, K, H]
-    chunk = attention_lib.Chunk(k, v, new_len, None if layer_cache is None else offset)
-    if layer_cache is not None:
-        layer_cache = kvcache.write(layer_cache, k, v, write_pos)                     # [B, S, K, H] (+ scales)
-        layer_cache = {name: constrain(a, kv_axes[:a.ndim], mesh) for name, a in layer_cache.items()}
-        k, v = kvcache.read(layer_cache)
-    attn = attention_lib.attend(attention, q, k, v, q_pos, offset + new_len, chunk,
-                                sliding_window=config.sliding_window)              # [B, T, N, H]
-    # [B, T, N*H] @ [N*H, D]: XLA's CPU dot contracting (n, h) directly runs ~13x slower
-    o = jnp.einsum("btk,kd->btd", attn.reshape(b, t, -1), wo.reshape(-1, wo.shape[-1]))
-    x = constrain(x + o, ACT, mesh)
-    h = rms_norm(x, p["ffn_norm"], config.norm_eps)
-    y, logits, dropped = moe(h.reshape(b * t, -1), p, top_k=config.top_k, valid=q_valid.reshape(-1),
-                             strategy=moe_strategy, capacity_factor=capacity_factor, group_size=group_size,
-                             mesh=mesh)
-    x = constrain(x + y.reshape(x.shape), ACT, mesh)
-    return x, layer_cache, logits.reshape(b, t, -1), dropped
 
 
 def lm_head(params, x: jax.Array) -> jax.Array:

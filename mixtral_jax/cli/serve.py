@@ -49,8 +49,9 @@ def add_parsers(sub) -> None:
     sv.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot before 429 (default 64)")
     sv.add_argument("--model-name", help='the name clients send as "model" (default: the checkpoint folder\'s '
                                          'name; "demo" for the built-in model)')
-    sv.add_argument("--prefill-chunk", type=int, default=512,
-                    help="prompt tokens per prefill step, a power of two >= 16 (default 512)")
+    sv.add_argument("--prefill-chunk", type=int, default=256,
+                    help="prompt tokens read per engine step, a power of two >= 16 (default 256: bounds how long "
+                         "running streams and new short prompts wait behind a long prompt)")
     sv.add_argument("--kv-dtype", choices=DTYPES, help="KV cache dtype (default: the model's)")
     sv.add_argument("--attention", choices=IMPLEMENTATIONS, default="auto")
     sv.add_argument("--ignore-eos", action="store_true",

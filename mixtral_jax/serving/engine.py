@@ -1,21 +1,23 @@
 """A continuous-batching engine: decode slots sharing one KV cache, requests joining and leaving
 between steps.
 
-Device side (three jitted programs, all compiled by `start` before it returns):
-- `prefill`: one chunk of one request's prompt into its slot's rows of the cache (the slot index is
-  traced, so one program serves every slot); at the last chunk, the first new token is sampled and
-  the slot starts decoding. Chunk sizes are powers of two from 16 up to `prefill_chunk`.
-- `decode`: one step for every slot; idle slots compute but write nothing (their length is 0), so
-  their cache rows and lengths stay as they are.
+Device side (jitted programs, all compiled by `start` before it returns):
+- `step`: one token for every decoding slot and, when a prompt is being read, one chunk of it into
+  its slot's row of the cache (the slot index is traced, so one program serves every slot), in one
+  pass through the decoder: the chunk's and the slots' tokens share each layer's MoE, so the expert
+  weights (most of the bytes a step reads) are read once for both. At a prompt's last chunk its
+  first token is sampled and the slot starts decoding. One program per chunk size (powers of two
+  from 16 up to `prefill_chunk`) and one without a chunk. Idle slots compute but write nothing
+  (their new length is 0), so their cache rows and lengths stay as they are.
 - `release`: a slot stops decoding (stop string found on the host, or its client went away).
 
 Host side, one thread owns every JAX call: each iteration it drops cancelled requests, admits
-waiting requests into free slots (first come, first served), runs at most one prefill chunk (of the
-request with the fewest prompt tokens left: running streams keep flowing while a long prompt is read,
-and a short prompt does not wait for it), dispatches one decode step if any slot is decoding, and
-hands the previous step's tokens to their requests (so the device computes while the host works): the request detokenizes it in the context of its prompt, looks for stop strings and
-calls its `on_event` callback (from the engine thread: an asyncio server bridges with
-`loop.call_soon_threadsafe`).
+waiting requests into free slots (first come, first served), dispatches one step (with a chunk of
+the request with the fewest prompt tokens left: running streams keep flowing while a long prompt
+is read, and a short prompt does not wait for it), and hands the previous step's tokens to their
+requests (so the device computes while the host works): the request detokenizes it in the context
+of its prompt, looks for stop strings and calls its `on_event` callback (from the engine thread:
+an asyncio server bridges with `loop.call_soon_threadsafe`).
 
 Sampling matches `mixtral_jax.generate` row for row: the same penalties and filters, and a row's
 random stream is its seed folded with its own token count, so a request's tokens do not depend on
@@ -36,16 +38,17 @@ import itertools
 import logging
 import threading
 import time
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ..attention import DEFAULT_BLOCK
 from ..detokenize import IncrementalText
 from ..kvcache import init_cache
-from ..model import Model, decoder, lm_head
+from ..model import Model, Segment, decoder_segments, lm_head
 from ..sampler import DEFAULT_EOS, SamplingParams, apply_penalties, bucket, sample
 from ..sharding import constrain, mesh_of, sharding_for
 
@@ -53,6 +56,7 @@ log = logging.getLogger(__name__)
 
 TOP_LOGPROBS = 20  # alternatives computed every step (OpenAI allows up to 20)
 MIN_CHUNK = 16
+PAD_LIMIT = 64  # padding tokens a prompt's last chunk may carry rather than take one more step
 HEARTBEAT_S = 5.0  # multi-host: an idle process 0 tells the others it is alive this often
 OPS = ("noop", "prefill", "decode", "release", "stop")
 
@@ -107,63 +111,76 @@ def _replicated(out: "StepOut", mesh) -> "StepOut":
     return jax.tree.map(lambda a: constrain(a, (None,) * a.ndim, mesh), out)
 
 
-def _prefill(config, params, slots: Slots, slot, tokens, n_valid, start, request: SamplingParams, seed,
-             max_new, stop, *, attention: str, mesh=None):
-    """One chunk of a prompt into row `slot`; the last chunk (start + n_valid = prompt length, known to
-    the caller through `max_new` > 0) samples the first token and starts the slot.
+class Chunk(NamedTuple):
+    """One piece of one request's prompt, read in a step (device arrays; the slot index traced)."""
+    slot: jax.Array            # int32
+    tokens: jax.Array          # [C] int32, padded
+    n_valid: jax.Array         # int32 valid tokens
+    start: jax.Array           # int32 prompt position of tokens[0]
+    request: SamplingParams    # [1] each
+    seed: jax.Array            # [1] uint32
+    max_new: jax.Array         # int32 token budget; 0 for a chunk that is not the prompt's last
 
-    Args:
-      slot: int32 (traced); tokens: [C] the chunk (padded); n_valid: its valid tokens; start: the
-        prompt position it begins at; request: the request's SamplingParams as [1] arrays; seed:
-        [1] uint32; max_new: int32, 0 for a chunk that is not the last; stop: [n] stop tokens.
+
+def _step(config, params, slots: Slots, stop, chunk: Chunk | None = None, *, attention: str, mesh=None):
+    """One token for every decoding slot and, with `chunk`, one piece of a prompt into its slot's
+    cache row, in one pass through the decoder (the expert weights, most of a step's bytes, are
+    read once for both). A prompt's last chunk samples its first token and starts the slot.
+
     Returns:
-      (slots, StepOut for one row).
+      (slots, StepOut for the N slots, StepOut for the chunk's one row or None).
     """
-    row = jax.tree.map(lambda a: jax.lax.dynamic_slice_in_dim(a, slot, 1, axis=0), slots.cache)
-    row["lengths"] = jnp.reshape(start, (1,)).astype(jnp.int32)
-    hidden, row, router_logits, _ = decoder(config, params, tokens[None], jnp.reshape(n_valid, (1,)), row,
-                                            attention=attention, mesh=mesh)
-    cache = jax.tree.map(lambda a, r: jax.lax.dynamic_update_slice_in_dim(a, r, slot, axis=0), slots.cache, row)
-    vocab = config.vocab_size
-    ids = jnp.where(jnp.arange(tokens.shape[0]) < n_valid, tokens, vocab)
-    prompt_row = jnp.where(start == 0, False, slots.in_prompt[slot]).at[ids].set(True, mode="drop")
-    last = n_valid - 1
-    logits = lm_head(params, hidden[0, last][None])                                  # [1, V]
-    key = jax.random.fold_in(jax.random.key(seed[0]), 0)[None]
-    counts0 = jnp.zeros((1, vocab), jnp.int32)
-    token = sample(apply_penalties(logits, request, counts0, prompt_row[None]), request, key)
-    lp, top_ids, top_lp, routing = _emit(logits, token, router_logits[:, :, last], config.top_k)
-    final = max_new > 0
-    done = jnp.isin(token, stop) | (max_new <= 1)
-    put = lambda a, v: a.at[slot].set(jnp.where(final, v, a[slot]))  # noqa: E731
-    new = slots.replace(
-        cache=cache, in_prompt=slots.in_prompt.at[slot].set(prompt_row), last=put(slots.last, token[0]),
-        active=put(slots.active, final & ~done[0]), n_new=put(slots.n_new, 1), max_new=put(slots.max_new, max_new),
-        seeds=put(slots.seeds, seed[0]),
-        params=jax.tree.map(lambda a, v: put(a, v[0]), slots.params, request),
-        counts=slots.counts.at[slot].set(jnp.where(final, jax.nn.one_hot(token[0], vocab, dtype=jnp.int32),
-                                                   slots.counts[slot])))
-    out = StepOut(token=token, live=final[None], done=(final & done[0])[None], logprob=lp, top_ids=top_ids,
-                  top_logprobs=top_lp, routing=routing)
-    return new, _replicated(out, mesh)
-
-
-def _decode(config, params, slots: Slots, stop, *, attention: str, mesh=None):
-    """One token for every decoding slot."""
     live = slots.active
-    hidden, cache, router_logits, _ = decoder(config, params, slots.last[:, None], live.astype(jnp.int32),
-                                              slots.cache, attention=attention, mesh=mesh)
-    logits = lm_head(params, hidden[:, 0])                                            # [N, V]
+    cache = slots.cache
+    segments = [Segment(slots.last[:, None], live.astype(jnp.int32))]
+    if chunk is not None:
+        # Straight into the slot's row (`rows`): copying the row out and back cost more, at a 32k
+        # context, than a short prompt's whole prefill.
+        cache = dict(cache, lengths=cache["lengths"].at[chunk.slot].set(chunk.start))
+        segments.append(Segment(chunk.tokens[None], jnp.reshape(chunk.n_valid, (1,)), jnp.reshape(chunk.slot, (1,))))
+    hidden, cache, router_logits, _ = decoder_segments(config, params, segments, cache, attention=attention,
+                                                       mesh=mesh)
+    logits = lm_head(params, hidden[0][:, 0])                                         # [N, V]
     keys = jax.vmap(lambda s, n: jax.random.fold_in(jax.random.key(s), n))(slots.seeds, slots.n_new)
     token = sample(apply_penalties(logits, slots.params, slots.counts, slots.in_prompt), slots.params, keys)
-    lp, top_ids, top_lp, routing = _emit(logits, token, router_logits[:, :, 0], config.top_k)
+    lp, top_ids, top_lp, routing = _emit(logits, token, router_logits[0][:, :, 0], config.top_k)
     n_new = slots.n_new + live
     done = live & (jnp.isin(token, stop) | (n_new >= slots.max_new))
     rows = jnp.arange(token.shape[0])
     new = slots.replace(cache=cache, last=jnp.where(live, token, slots.last), active=live & ~done, n_new=n_new,
                         counts=slots.counts.at[rows, token].add(live.astype(jnp.int32)))
-    return new, _replicated(StepOut(token=token, live=live, done=done, logprob=lp, top_ids=top_ids,
-                                    top_logprobs=top_lp, routing=routing), mesh)
+    out = _replicated(StepOut(token=token, live=live, done=done, logprob=lp, top_ids=top_ids, top_logprobs=top_lp,
+                              routing=routing), mesh)
+    if chunk is None:
+        return new, out, None
+    new, first = _start(config, params, new, chunk, hidden[1][0], router_logits[1][:, 0], stop)
+    return new, out, _replicated(first, mesh)
+
+
+def _start(config, params, slots: Slots, chunk: Chunk, hidden, router_logits, stop):
+    """After a prompt chunk (hidden [C, D], router logits [L, C, E]): the prompt's tokens marked for
+    the repetition penalty and, at its last chunk, the first token sampled and the slot started."""
+    vocab, slot = config.vocab_size, chunk.slot
+    ids = jnp.where(jnp.arange(chunk.tokens.shape[0]) < chunk.n_valid, chunk.tokens, vocab)
+    prompt_row = jnp.where(chunk.start == 0, False, slots.in_prompt[slot]).at[ids].set(True, mode="drop")
+    last = chunk.n_valid - 1
+    logits = lm_head(params, hidden[last][None])                                      # [1, V]
+    key = jax.random.fold_in(jax.random.key(chunk.seed[0]), 0)[None]
+    counts0 = jnp.zeros((1, vocab), jnp.int32)
+    token = sample(apply_penalties(logits, chunk.request, counts0, prompt_row[None]), chunk.request, key)
+    lp, top_ids, top_lp, routing = _emit(logits, token, router_logits[:, last][:, None], config.top_k)
+    final = chunk.max_new > 0
+    done = jnp.isin(token, stop) | (chunk.max_new <= 1)
+    put = lambda a, v: a.at[slot].set(jnp.where(final, v, a[slot]))  # noqa: E731
+    new = slots.replace(
+        in_prompt=slots.in_prompt.at[slot].set(prompt_row), last=put(slots.last, token[0]),
+        active=put(slots.active, final & ~done[0]), n_new=put(slots.n_new, 1), max_new=put(slots.max_new, chunk.max_new),
+        seeds=put(slots.seeds, chunk.seed[0]),
+        params=jax.tree.map(lambda a, v: put(a, v[0]), slots.params, chunk.request),
+        counts=slots.counts.at[slot].set(jnp.where(final, jax.nn.one_hot(token[0], vocab, dtype=jnp.int32),
+                                                   slots.counts[slot])))
+    return new, StepOut(token=token, live=final[None], done=(final & done[0])[None], logprob=lp, top_ids=top_ids,
+                        top_logprobs=top_lp, routing=routing)
 
 
 def _release(slots: Slots, slot):
@@ -315,7 +332,7 @@ class Engine:
       stop_tokens: token ids that end a request (default: the tokenizer's EOS).
     """
 
-    def __init__(self, model: Model, *, slots: int = 8, max_seq_len: int | None = None, prefill_chunk: int = 512,
+    def __init__(self, model: Model, *, slots: int = 8, max_seq_len: int | None = None, prefill_chunk: int = 256,
                  max_queue: int = 64, kv_dtype=None, attention: str = "auto", stop_tokens=None):
         config = model.config
         self.model, self.config = model, config
@@ -339,8 +356,7 @@ class Engine:
         stop = np.asarray(list(stop_tokens), np.int32).reshape(-1)
         self.stop = np.pad(stop, (0, bucket(stop.size, 4) - stop.size), constant_values=-1)
         statics = dict(static_argnums=(0,), static_argnames=("attention", "mesh"), donate_argnums=(2,))
-        self._prefill = jax.jit(_prefill, **statics)
-        self._decode = jax.jit(_decode, **statics)
+        self._step = jax.jit(_step, **statics)
         self._release = jax.jit(_release, donate_argnums=(0,))
         self._slots: Slots | None = None
         self._ids = itertools.count()
@@ -444,7 +460,12 @@ class Engine:
         uncommitted state would key the warm-up's programs differently from those serving calls. On a
         mesh the cache is split like `generate`'s (batch, cache sequence, KV heads by their logical
         axes) and the rest replicated."""
-        slots = _empty_slots(self.config, self.n_slots, self.max_seq_len, self.kv_dtype)
+        # Rows a whole number of attention blocks long where the context allows: blockwise
+        # attention would pad (copy) the whole cache on every call otherwise. Slots past
+        # max_seq_len are never used.
+        blocks = -(-self.max_seq_len // DEFAULT_BLOCK) * DEFAULT_BLOCK
+        rows = self.max_seq_len if self.max_seq_len <= DEFAULT_BLOCK else min(blocks, self.config.max_seq_len)
+        slots = _empty_slots(self.config, self.n_slots, rows, self.kv_dtype)
         if self.mesh is None:
             return jax.device_put(slots, next(iter(self.model.params["embed"].devices())))
         kv_axes = ("batch", "cache_sequence", "kv_heads", "head_dim")
@@ -456,7 +477,7 @@ class Engine:
         return jax.tree_util.tree_map_with_path(place, slots)
 
     def _warm_up(self) -> None:
-        """Compile prefill at every chunk size, decode and release, on slot 0 (left empty)."""
+        """Compile a step with a chunk of every size, a step without, and release, on slot 0 (left empty)."""
         start = time.perf_counter()
         opts = Options(max_new_tokens=2, temperature=1.0, top_k=5)
         for size in self._chunks():
@@ -465,7 +486,7 @@ class Engine:
         self._call("decode")
         self._call("release", slot=0)
         jax.block_until_ready(self._slots.active)
-        log.info("engine warm: %d prefill sizes, decode and release compiled in %.1f s",
+        log.info("engine warm: steps with %d chunk sizes and without, and release compiled in %.1f s",
                  len(self._chunks()), time.perf_counter() - start)
 
     def _call(self, op: str, **kw):
@@ -475,33 +496,32 @@ class Engine:
         return self._device(op, **kw)
 
     def _device(self, op: str, *, slot=0, tokens=None, n_valid=0, start=0, options=None, final=False):
-        """Run one device call on this process; returns the step's outputs (prefill, decode)."""
-        if op == "prefill":
-            o = options
-            request = SamplingParams(*(np.asarray([v], dt) for v, dt in (
-                (o.temperature, np.float32), (o.top_k, np.int32), (o.top_p, np.float32), (o.min_p, np.float32),
-                (o.repetition_penalty, np.float32), (o.presence_penalty, np.float32),
-                (o.frequency_penalty, np.float32))))
-            self._slots, out = self._prefill(
-                self.config, self.model.params, self._slots, np.int32(slot), tokens, np.int32(n_valid),
-                np.int32(start), request, np.asarray([o.seed], np.uint32), np.int32(o.max_new_tokens if final else 0),
-                self.stop, attention=self.attention, mesh=self.mesh)
-            return out
-        if op == "decode":
-            self._slots, out = self._decode(self.config, self.model.params, self._slots, self.stop,
-                                            attention=self.attention, mesh=self.mesh)
-            return out
+        """Run one device call on this process; a step ("prefill": with a prompt chunk, "decode":
+        without) returns its outputs (the slots', the chunk's or None)."""
+        if op in ("prefill", "decode"):
+            chunk = None
+            if op == "prefill":
+                o = options
+                request = SamplingParams(*(np.asarray([v], dt) for v, dt in (
+                    (o.temperature, np.float32), (o.top_k, np.int32), (o.top_p, np.float32), (o.min_p, np.float32),
+                    (o.repetition_penalty, np.float32), (o.presence_penalty, np.float32),
+                    (o.frequency_penalty, np.float32))))
+                chunk = Chunk(np.int32(slot), tokens, np.int32(n_valid), np.int32(start), request,
+                              np.asarray([o.seed], np.uint32), np.int32(o.max_new_tokens if final else 0))
+            self._slots, out, first = self._step(self.config, self.model.params, self._slots, self.stop, chunk,
+                                                 attention=self.attention, mesh=self.mesh)
+            return out, first
         if op == "release":
             self._slots = self._release(self._slots, np.int32(slot))
         return None
 
     def _loop(self) -> None:
-        pending = None  # the last decode step dispatched, delivered after the next one is dispatched
+        pending = None  # the last step dispatched, delivered after the next one is dispatched
         while True:
             with self._lock:
                 idle = not (self._stop or self._waiting or self._running or self._cancelled)
             if idle and pending is not None:
-                self._deliver(*pending)
+                self._deliver(pending)
                 pending = None
             with self._lock:
                 while not (self._stop or self._waiting or self._running or self._cancelled):
@@ -522,53 +542,66 @@ class Engine:
                 for slot, req in list(self._running.items()):
                     if req.id in cancelled:
                         self._end(slot, "cancelled", release=True)
-                self._prefill_one()
-                dispatched = self._dispatch_decode()
+                step = self._dispatch()
                 if pending is not None:
-                    self._deliver(*pending)
-                pending = dispatched
+                    self._deliver(pending)
+                pending = step
             except Exception as e:  # noqa: BLE001 - every running request learns of it; the engine goes on
                 log.exception("engine step failed")
                 pending = None
                 for slot in list(self._running):
                     self._end(slot, "error", f"{type(e).__name__}: {e}", release=True)
 
-    def _prefill_one(self) -> None:
-        """At most one chunk, of the request with the fewest prompt tokens left to read (then the
-        oldest): a short prompt arriving behind a long one starts streaming after one chunk, not
-        after the whole long prompt."""
+    def _dispatch(self):
+        """Start a step (JAX dispatches asynchronously): every decoding slot, plus at most one prompt
+        chunk, of the request with the fewest prompt tokens left to read (then the oldest), so a
+        short prompt arriving behind a long one starts streaming after one chunk, not after the
+        whole long prompt, and running streams get a token every step. Returns what `_deliver`
+        takes, or None when there is nothing to do.
+
+        The step's tokens are read only after the next step has been dispatched, so the device never
+        waits for the host's detokenizing. A request the host ends meanwhile (a stop string, a
+        cancel) may get one more token computed, which is dropped: its request has finished."""
+        decoding = {s: r for s, r in self._running.items() if r.prefilled == len(r.prompt)}
         todo = [r for r in self._running.values() if r.prefilled < len(r.prompt)]
         if not todo:
-            return
+            return (decoding, *self._call("decode"), None) if decoding else None
         req = min(todo, key=lambda r: (len(r.prompt) - r.prefilled, r.id))
         left = len(req.prompt) - req.prefilled
-        n = min(left, self.chunk)
-        size = self.chunk if left > self.chunk else max(MIN_CHUNK, bucket(n))
+        size = self._chunk_size(left)
+        n = min(size, left)
         tokens = np.zeros(size, np.int32)
         tokens[:n] = req.prompt[req.prefilled:req.prefilled + n]
-        final = n == left
-        out = self._call("prefill", slot=req.slot, tokens=tokens, n_valid=n, start=req.prefilled,
-                         options=req.options, final=final)
+        out, first = self._call("prefill", slot=req.slot, tokens=tokens, n_valid=n, start=req.prefilled,
+                                options=req.options, final=n == left)
         req.prefilled += n
-        if final:
-            self._deliver({req.slot: req}, out, rows=[0])
+        return decoding, out, first, req if n == left else None
 
-    def _dispatch_decode(self):
-        """Start a decode step (JAX dispatches asynchronously); returns what `_deliver` takes, or None.
+    def _chunk_size(self, left: int) -> int:
+        """The compiled chunk size for the next piece of a prompt with `left` tokens unread: the
+        whole rest padded up when that wastes at most PAD_LIMIT slots, else the largest size that
+        fits. (On the small config a step with a chunk cost ~120 ms more than one without, about
+        what 60 padding tokens cost: 300 tokens went fastest as 256 + 64, not 512 nor 256 + 32 + 16.)"""
+        if left >= self.chunk:
+            return self.chunk
+        padded = max(MIN_CHUNK, bucket(left))
+        if padded - left <= PAD_LIMIT:
+            return padded
+        return 1 << (left.bit_length() - 1)
 
-        Its tokens are read only after the next step has been dispatched, so the device never waits
-        for the host's detokenizing. A request the host ends meanwhile (a stop string, a cancel) may
-        get one more token computed, which is dropped: its request has finished."""
-        decoding = {s: r for s, r in self._running.items() if r.prefilled == len(r.prompt)}
-        if not decoding:
-            return None
-        return decoding, self._call("decode"), None
+    def _deliver(self, step) -> None:
+        """Hand a step's tokens to their requests: the decoding slots', then the first token of the
+        request whose prompt the step finished."""
+        decoding, out, first, started = step
+        self._hand_out(decoding, jax.device_get(out), None)
+        if started is not None:
+            self._hand_out({started.slot: started}, jax.device_get(first), 0)
 
-    def _deliver(self, reqs: dict[int, Request], out: StepOut, rows) -> None:
-        """Hand each live row's token to its request; end the requests that finished."""
-        out = jax.device_get(out)
+    def _hand_out(self, reqs: dict[int, Request], out: StepOut, row: int | None) -> None:
+        """Each live row's token to its request (row `row` of `out` for all, else the slot's own);
+        end the requests that finished."""
         for slot, req in reqs.items():
-            r = slot if rows is None else rows[0]
+            r = slot if row is None else row
             if not out.live[r] or req.finish_reason is not None:
                 continue
             top = [(int(i), float(lp)) for i, lp in zip(out.top_ids[r], out.top_logprobs[r])]
