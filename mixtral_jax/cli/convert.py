@@ -82,6 +82,17 @@ def cmd_convert(args) -> int:
 
 
 def cmd_export(args) -> int:
+    if args.format == "gguf":
+        from mixtral_convert.gguf_export import export_gguf
+
+        s = export_gguf(args.ckpt, args.out, gguf_type=args.gguf_type or "f32")
+        types = ", ".join(f"{n} {t}" for t, n in sorted(s["types"].items()))
+        note = " (int8 weights dequantized and re-quantized to q8_0)" if s["requantized"] else ""
+        print(f"exported {args.ckpt} to {args.out} (gguf, {s['tensors']} tensors: {types}; "
+              f"{s['bytes'] / 1e6:.1f} MB){note}")
+        return 0
+    if args.gguf_type:
+        raise UsageError("--gguf-type goes with --format gguf")
     from mixtral_convert import export
 
     export(args.ckpt, args.out, fmt=args.format)
@@ -123,10 +134,12 @@ def add_parsers(sub) -> None:
                       help="accept .pth/.bin pickles (loaded with torch, weights_only=True)")
     conv.set_defaults(func=cmd_convert)
 
-    exp = sub.add_parser("export", help="orbax checkpoint -> HF or Mistral folder")
+    exp = sub.add_parser("export", help="orbax checkpoint -> HF or Mistral folder, or one GGUF file (llama.cpp)")
     exp.add_argument("ckpt")
-    exp.add_argument("out", help="new folder (must not exist)")
-    exp.add_argument("--format", choices=["hf", "mistral"], required=True)
+    exp.add_argument("out", help="new folder, or new .gguf file with --format gguf (must not exist)")
+    exp.add_argument("--format", choices=["hf", "mistral", "gguf"], required=True)
+    exp.add_argument("--gguf-type", choices=["f32", "f16", "q8_0"],
+                     help="GGUF tensor type for the matrices (default f32; norms and router stay f32)")
     exp.set_defaults(func=cmd_export)
 
     inf = sub.add_parser("info", help="config, parameter count, dtype, size and format of a checkpoint")
