@@ -43,6 +43,9 @@ LONG_LENGTHS = (4096, 16384)
 DECODE_BATCHES = (1, 8)
 DECODE_TOKENS = 32
 SWEEP = tuple(range(1, 513, 17)) + (512,)
+LLAMA_VOCAB = 32000
+LLAMA_TYPES = ("f32", "f16", "q8_0")
+LLAMA_DECODE_TOKENS = 128
 
 
 def step_time(short: Callable[[], Any], long: Callable[[], Any], steps: int, runs: int) -> float:
@@ -248,18 +251,49 @@ def _require_hf() -> None:
 
 
 def _with_checkpoints(config: MixtralConfig, seed: int, body: Callable[[str, str], None]) -> None:
-    """Random float32 weights written as an HF folder and converted; body(hf folder, checkpoint)."""
+    """Random float32 weights written as an HF folder and converted; body(hf folder, checkpoint).
+    With Mixtral's vocabulary size the real tokenizer goes in too (a GGUF export needs one)."""
     from mixtral_convert import convert, write_folder
 
     from .checkpoint import param_items
+    from .tokenizer import Tokenizer
 
     params = init_params(config, seed=seed)
+    tokenizer = Tokenizer().path if config.vocab_size == LLAMA_VOCAB else None
     with tempfile.TemporaryDirectory(prefix="mixtral-jax-bench-") as tmp:
         hf_folder, ckpt = os.path.join(tmp, "hf"), os.path.join(tmp, "ckpt")
-        write_folder(hf_folder, config, param_items(config, params), "hf", np.float32)
+        write_folder(hf_folder, config, param_items(config, params), "hf", np.float32, tokenizer=tokenizer)
         del params
         convert(hf_folder, ckpt)
         body(hf_folder, ckpt)
+
+
+def bench_llama_cpp(llama_bench: str, ckpt: str, runs: int) -> dict[str, Any]:
+    """llama.cpp's `llama-bench` on GGUF exports (f32, f16, q8_0) of the same weights, with as many
+    threads as we have cores: {type: {"prefill_tok_s" (PREFILL_LENGTHS[-1] tokens), "decode_tok_s"}}."""
+    import json
+
+    from mixtral_convert.gguf_export import export_gguf
+
+    out: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="mixtral-jax-gguf-") as tmp:
+        paths = {}
+        for kind in LLAMA_TYPES:
+            paths[kind] = os.path.join(tmp, f"{kind}.gguf")
+            export_gguf(ckpt, paths[kind], gguf_type=kind)
+        cmd = [llama_bench, *[a for p in paths.values() for a in ("-m", p)], "-p", str(PREFILL_LENGTHS[-1]),
+               "-n", str(LLAMA_DECODE_TOKENS), "-t", str(os.cpu_count()), "-r", str(runs), "-o", "json"]
+        try:
+            run = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
+        except OSError as e:
+            raise ValueError(f"--llama-bench {llama_bench}: cannot run it ({e})") from None
+        if run.returncode != 0:
+            raise ValueError(f"llama-bench failed ({run.returncode}): {run.stderr.strip()[-500:]}")
+        by_path = {p: k for k, p in paths.items()}
+        for row in json.loads(run.stdout):
+            r = out.setdefault(by_path[row["model_filename"]], {})
+            r["prefill_tok_s" if row["n_prompt"] else "decode_tok_s"] = float(row["avg_ts"])
+    return out
 
 
 def run_long(config_name: str = "small", with_hf: bool = True, seed: int = 0,
@@ -301,11 +335,16 @@ def format_long(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def run(config_name: str = "small", runs: int = 5, with_hf: bool = True, seed: int = 0) -> dict[str, Any]:
-    """The whole benchmark; returns the report as a dict (see `format_report`)."""
+def run(config_name: str = "small", runs: int = 5, with_hf: bool = True, seed: int = 0,
+        llama_bench: str | None = None) -> dict[str, Any]:
+    """The whole benchmark; returns the report as a dict (see `format_report`). `llama_bench`: the
+    path of llama.cpp's llama-bench, run on GGUF exports of the same weights."""
     if with_hf:
         _require_hf()
     config = MixtralConfig.preset(config_name)
+    if llama_bench and config.vocab_size != LLAMA_VOCAB:
+        raise ValueError(f"--llama-bench needs a config with Mixtral's vocabulary ({LLAMA_VOCAB}; "
+                         f"{config_name} has {config.vocab_size}): use --config small")
     report: dict[str, Any] = {"config": config_name, "machine": _machine(), "probes": machine_probes()}
 
     def body(hf_folder, ckpt):
@@ -317,6 +356,8 @@ def run(config_name: str = "small", runs: int = 5, with_hf: bool = True, seed: i
         report["peak_rss_over_weights"] = measure_rss(ckpt) / (4 * _n_params(config))
         if with_hf:
             report["hf"] = bench_hf(hf_folder, config, runs)
+        if llama_bench:
+            report["llama_cpp"] = bench_llama_cpp(llama_bench, ckpt, runs)
     _with_checkpoints(config, seed, body)
     _derive(report, config)
     return report
@@ -375,6 +416,15 @@ def format_report(report: dict[str, Any]) -> str:
               f"first prefill call (compile included): " + ", ".join(
                   f"{n}: {r['first_call_s']:.1f} s" for n, r in report["jax"]["prefill"].items()),
               f"peak RSS during generation: {report['peak_rss_over_weights']:.2f}x the weight bytes"]
+    if "llama_cpp" in report:
+        ours_pre = report["jax"]["prefill"][PREFILL_LENGTHS[-1]]["tok_s"]
+        ours_dec = report["jax"]["decode"][1]["tok_s"]
+        lines += ["", f"llama.cpp llama-bench on GGUF exports of the same weights ({os.cpu_count()} threads; "
+                      f"ours / theirs):"]
+        for kind, r in report["llama_cpp"].items():
+            lines.append(f"  {kind:>5}: decode {r['decode_tok_s']:.1f} tok/s (ours f32 {ours_dec / r['decode_tok_s']:.2f}x), "
+                         f"prefill {PREFILL_LENGTHS[-1]} {r['prefill_tok_s']:.1f} tok/s "
+                         f"(ours f32 {ours_pre / r['prefill_tok_s']:.2f}x)")
     return "\n".join(lines)
 
 

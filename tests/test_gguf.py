@@ -144,3 +144,14 @@ def test_bad_requests_exit_2_and_leave_nothing(model, tmp_path, capsys):
     assert export(tmp_path / "missing", tmp_path / "y.gguf") == 2
     assert not (tmp_path / "y.gguf").exists()
     assert list(tmp_path.iterdir()) == [out]
+
+
+def test_bench_llama_bench_flag_checks_its_inputs(tmp_path, capsys):
+    """`bench --llama-bench` (llama.cpp runs are not part of the suite): a missing binary and a config
+    without Mixtral's vocabulary are usage errors before anything is built."""
+    assert main(["bench", "--no-hf", "--llama-bench", str(tmp_path / "llama-bench")]) == 2
+    assert "no such file" in capsys.readouterr().err
+    binary = tmp_path / "llama-bench"
+    binary.write_text("")
+    assert main(["bench", "--no-hf", "--config", "tiny", "--llama-bench", str(binary)]) == 2
+    assert "--llama-bench needs a config with Mixtral's vocabulary" in capsys.readouterr().err

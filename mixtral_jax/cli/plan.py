@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 from .common import UsageError
 
@@ -106,7 +107,10 @@ def cmd_bench(args) -> int:
         report = bench.run_long(args.config, with_hf=not args.no_hf)
         print(json.dumps(report, indent=2) if args.json else bench.format_long(report))
         return 0
-    report = bench.run(args.config, runs=args.runs, with_hf=not args.no_hf)
+    llama_bench = args.llama_bench or os.environ.get("LLAMA_BENCH")
+    if llama_bench and not os.path.isfile(llama_bench):
+        raise UsageError(f"--llama-bench {llama_bench}: no such file")
+    report = bench.run(args.config, runs=args.runs, with_hf=not args.no_hf, llama_bench=llama_bench)
     print(json.dumps(report, indent=2) if args.json else bench.format_report(report))
     return 0
 
@@ -141,5 +145,8 @@ def add_parsers(sub) -> None:
     bench.add_argument("--no-hf", action="store_true", help="skip the HF transformers side")
     bench.add_argument("--long", action="store_true",
                        help="instead: prefill of 4k and 16k-token prompts (tok/s, peak RSS) beside HF with sdpa")
+    bench.add_argument("--llama-bench", metavar="PATH",
+                       help="also run llama.cpp's llama-bench (default: $LLAMA_BENCH) on GGUF exports (f32, f16, "
+                            "q8_0) of the same weights")
     bench.add_argument("--json", action="store_true")
     bench.set_defaults(func=cmd_bench)
