@@ -3,7 +3,6 @@ segments against separate calls."""
 
 import threading
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
