@@ -29,9 +29,10 @@ import numpy as np
 
 from mixtral_jax.checkpoint import TOKENIZER_FILE, item_names, read_manifest, resolve_dtype, restore_item
 from mixtral_jax.config import MixtralConfig
+from mixtral_jax.quant import dequantize
 
 from .errors import CheckpointError
-from .formats import n_heads_of, permute_qk, to_torch
+from .formats import export_keys, export_tensor
 
 log = logging.getLogger(__name__)
 
@@ -47,31 +48,19 @@ ALWAYS_F32 = ("norm", "ffn_gate_inp")  # name parts of tensors kept float32 in e
 
 
 def gguf_tensors(config: MixtralConfig, item: str, leaves: dict[str, np.ndarray]):
-    """(GGUF name, float32 array in PyTorch orientation) for one item's canonical leaves."""
-    if item == "globals":
-        for leaf, name in GLOBALS.items():
-            a = np.asarray(leaves[leaf], np.float32)
-            yield name, a if leaf != "lm_head" else np.ascontiguousarray(a.T)
-        return
-    i = int(item.split("_")[1])
-    for leaf, part in LAYER.items():
-        a = np.asarray(_dense(leaves[leaf]), np.float32)
-        if leaf in ("w_gate", "w_up", "w_down"):       # canonical [E, in, out] -> [E, out, in]
-            t = np.ascontiguousarray(a.transpose(0, 2, 1))
-        elif a.ndim == 1:
-            t = a
-        else:
-            t = to_torch(leaf, a, (-1, config.d_model) if leaf != "wo" else (config.d_model, -1))
-            if leaf in ("wq", "wk"):
-                t = np.ascontiguousarray(permute_qk(t, n_heads_of(config, leaf), inverse=True))
-        yield f"blk.{i}.{part}.weight", t
+    """(GGUF name, float32 array in PyTorch orientation) for one item's canonical leaves.
 
-
-def _dense(w):
-    """An int8 {"q", "scale"} leaf as float32; anything else as it is."""
-    if isinstance(w, dict):
-        return np.asarray(w["q"], np.float32) * np.asarray(w["scale"], np.float32)
-    return w
+    Everything but the experts is the Mistral export's tensor (`export_tensor`: PyTorch
+    orientation, q/k rows interleaved, as GGML's RoPE wants); the experts are stacked per layer."""
+    i = None if item == "globals" else int(item.split("_")[1])
+    dense = {leaf: np.asarray(dequantize(w, np.float32), np.float32) for leaf, w in leaves.items()}
+    names = GLOBALS if i is None else {leaf: f"blk.{i}.{part}.weight" for leaf, part in LAYER.items()}
+    for _, shape, entry, _ in export_keys(config, "mistral", i):
+        if entry.kind != "per_expert":
+            yield names[entry.leaves[0]], export_tensor(config, dense, shape, entry, None)
+    if i is not None:
+        for leaf in ("w_gate", "w_up", "w_down"):       # canonical [E, in, out] -> [E, out, in]
+            yield names[leaf], np.ascontiguousarray(dense[leaf].transpose(0, 2, 1))
 
 
 def tensor_type(name: str, a: np.ndarray, gguf_type: str) -> str:

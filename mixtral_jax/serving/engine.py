@@ -464,8 +464,8 @@ class Engine:
         # attention would pad (copy) the whole cache on every call otherwise. Slots past
         # max_seq_len are never used.
         blocks = -(-self.max_seq_len // DEFAULT_BLOCK) * DEFAULT_BLOCK
-        rows = self.max_seq_len if self.max_seq_len <= DEFAULT_BLOCK else min(blocks, self.config.max_seq_len)
-        slots = _empty_slots(self.config, self.n_slots, rows, self.kv_dtype)
+        length = self.max_seq_len if self.max_seq_len <= DEFAULT_BLOCK else min(blocks, self.config.max_seq_len)
+        slots = _empty_slots(self.config, self.n_slots, length, self.kv_dtype)
         if self.mesh is None:
             return jax.device_put(slots, next(iter(self.model.params["embed"].devices())))
         kv_axes = ("batch", "cache_sequence", "kv_heads", "head_dim")
