@@ -23,6 +23,7 @@ project (default attention and prefill chunk) beside HF with `attn_implementatio
 
 from __future__ import annotations
 
+import json
 import os
 import statistics
 import subprocess
@@ -82,12 +83,19 @@ def machine_probes() -> dict[str, float]:
     total(a).block_until_ready()
     best = min(_time(lambda: total(a).block_until_ready()) for _ in range(5))
     bandwidth = a.nbytes / best
+    probes = {"read_bandwidth_sum": bandwidth}
+    from . import kernels
+
+    if kernels.enabled():
+        read = jax.jit(kernels.read_probe)
+        read(a).block_until_ready()
+        probes["read_bandwidth_threads"] = a.nbytes / min(_time(lambda: read(a).block_until_ready()) for _ in range(5))
     del a
     x = jnp.ones((2048, 2048), jnp.float32)
     mm = jax.jit(jnp.matmul)
     mm(x, x).block_until_ready()
     best = min(_time(lambda: mm(x, x).block_until_ready()) for _ in range(5))
-    return {"read_bandwidth": bandwidth, "matmul_peak": 2 * 2048**3 / best}
+    return {**probes, "read_bandwidth": max(probes.values()), "matmul_peak": 2 * 2048**3 / best}
 
 
 def _time(fn) -> float:
@@ -144,6 +152,47 @@ def bench_jax(model: Model, runs: int) -> dict[str, Any]:
                          lambda: generate(model, prompts, max_new_tokens=DECODE_TOKENS + 1, stop_tokens=[]),
                          DECODE_TOKENS, runs)
         out["decode"][b] = {"tok_s": b / step, "step_s": step}
+    return out
+
+
+DECODE_PATHS = (("float32", None), ("bfloat16", None), ("float32", "int8"))
+
+
+def decode_child(ckpt: str, dtype: str, quantize: str | None, runs: int) -> None:
+    """Prints {batch: tok/s} of `generate`'s decode for one weight type, in this process's kernel
+    setting (a child process: the kernel choice is made when a program is traced)."""
+    from . import checkpoint
+    from .sampler import generate
+
+    model = checkpoint.load(ckpt, dtype=dtype, quantize=quantize)
+    rng = np.random.default_rng(0)
+    out = {}
+    for b in DECODE_BATCHES:
+        prompts = [rng.integers(3, model.config.vocab_size, 16).tolist() for _ in range(b)]
+        step = step_time(lambda: generate(model, prompts, max_new_tokens=1, stop_tokens=[]),
+                         lambda: generate(model, prompts, max_new_tokens=DECODE_TOKENS + 1, stop_tokens=[]),
+                         DECODE_TOKENS, runs)
+        out[b] = b / step
+    print(json.dumps(out))
+
+
+def bench_decode_paths(ckpt: str, runs: int) -> dict[str, Any]:
+    """Decode tok/s of float32, bfloat16 and int8 weights with the CPU kernels on and off, each in
+    its own process: {"float32/on": {batch: tok/s}, ...}."""
+    from . import kernels
+
+    out: dict[str, Any] = {}
+    settings = ("on", "off") if kernels.enabled() else ("off",)
+    for dtype, quantize in DECODE_PATHS:
+        for setting in settings:
+            env = dict(os.environ, **{kernels.ENV: "1" if setting == "on" else "0"})
+            cmd = [sys.executable, "-m", "mixtral_jax.bench", "--decode-child", ckpt, dtype, quantize or "none",
+                   str(runs)]
+            run = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=3600)
+            if run.returncode != 0:
+                raise RuntimeError(f"decode benchmark child failed: {run.stderr.strip()[-500:]}")
+            name = f"{quantize or dtype}/{setting}"
+            out[name] = {int(b): v for b, v in json.loads(run.stdout.strip().splitlines()[-1]).items()}
     return out
 
 
@@ -353,6 +402,7 @@ def run(config_name: str = "small", runs: int = 5, with_hf: bool = True, seed: i
         model = checkpoint.load(ckpt, dtype="float32")
         report["jax"] = bench_jax(model, runs)
         del model
+        report["decode_paths"] = bench_decode_paths(ckpt, runs)
         report["peak_rss_over_weights"] = measure_rss(ckpt) / (4 * _n_params(config))
         if with_hf:
             report["hf"] = bench_hf(hf_folder, config, runs)
@@ -379,6 +429,16 @@ def _machine() -> dict[str, Any]:
 
 def _derive(report: dict[str, Any], config: MixtralConfig) -> None:
     probes, ours = report["probes"], report["jax"]
+    # The read-bandwidth yardstick: the best of the probes and of the weight-read rates that any
+    # measured system reached at batch-1 decode (a probe can under-report what a tuned loop gets).
+    per_token = active_step_bytes(config, 1)
+    rates = {"probe": probes["read_bandwidth"], "mixtral_jax float32": per_token * ours["decode"][1]["tok_s"]}
+    rates.update({f"mixtral_jax {k}": per_token * v[1] for k, v in report.get("decode_paths", {}).items()
+                  if k.startswith("float32")})
+    if "llama_cpp" in report:
+        rates["llama.cpp f32"] = per_token * report["llama_cpp"]["f32"]["decode_tok_s"]
+    report["weight_read_rates"] = rates
+    probes["read_bandwidth"] = max(rates.values())
     for n, r in ours["prefill"].items():
         r["matmul_fraction"] = prefill_flops(config, n) / r["seconds"] / probes["matmul_peak"]
         if "hf" in report:
@@ -391,6 +451,12 @@ def _derive(report: dict[str, Any], config: MixtralConfig) -> None:
             hf = report["hf"]["decode"][b]
             r["speedup_vs_hf"] = r["tok_s"] / hf["tok_s"]
             hf["bandwidth_fraction"] = active_step_bytes(config, b) / hf["step_s"] / probes["read_bandwidth"]
+
+
+def kernels_status() -> str:
+    from . import kernels
+
+    return kernels.status()
 
 
 def format_report(report: dict[str, Any]) -> str:
@@ -416,6 +482,22 @@ def format_report(report: dict[str, Any]) -> str:
               f"first prefill call (compile included): " + ", ".join(
                   f"{n}: {r['first_call_s']:.1f} s" for n, r in report["jax"]["prefill"].items()),
               f"peak RSS during generation: {report['peak_rss_over_weights']:.2f}x the weight bytes"]
+    lines += ["", "read-bandwidth yardstick (best of): " + ", ".join(
+        f"{k} {v / 1e9:.1f} GB/s" for k, v in report["weight_read_rates"].items())
+        + "; probes: " + ", ".join(f"{k} {v / 1e9:.1f} GB/s" for k, v in p.items() if k.startswith("read_bandwidth_"))]
+    paths = report.get("decode_paths", {})
+    if paths:
+        f32 = paths.get("float32/on", paths.get("float32/off"))
+        lines += ["", f"decode by weight type ({kernels_status()}):"]
+        for name, r in paths.items():
+            lines.append(f"  {name:>14}: batch 1 {r[1]:6.1f} tok/s ({r[1] / f32[1]:.2f}x float32), "
+                         f"batch 8 {r[8]:6.1f} tok/s ({r[8] / f32[8]:.2f}x)")
+        if "llama_cpp" in report:
+            for ours, theirs in (("float32/on", "f32"), ("int8/on", "q8_0"), ("bfloat16/on", "f16")):
+                if ours in paths:
+                    t = report["llama_cpp"][theirs]["decode_tok_s"]
+                    lines.append(f"  {ours} vs llama.cpp {theirs}: {paths[ours][1]:.1f} / {t:.1f} = "
+                                 f"{paths[ours][1] / t:.2f}x")
     if "llama_cpp" in report:
         ours_pre = report["jax"]["prefill"][PREFILL_LENGTHS[-1]]["tok_s"]
         ours_dec = report["jax"]["decode"][1]["tok_s"]
@@ -432,5 +514,7 @@ if __name__ == "__main__":
     # Child modes, started by measure_rss and _long_measure.
     if sys.argv[1] == "--rss-child":
         rss_child(sys.argv[2])
+    elif sys.argv[1] == "--decode-child":
+        decode_child(sys.argv[2], sys.argv[3], None if sys.argv[4] == "none" else sys.argv[4], int(sys.argv[5]))
     else:
         long_child(sys.argv[2], sys.argv[3], int(sys.argv[4]))

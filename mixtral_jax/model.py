@@ -37,13 +37,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import attention as attention_lib
-from . import kvcache, lora
+from . import kernels, kvcache, lora
 from .config import MixtralConfig
 from .generation_config import sampling_defaults
 from .kvcache import init_cache, layer_name
 from .layers import apply_rope, rms_norm, rope_angles
 from .moe import DEFAULT_GROUP_SIZE, STRATEGIES, is_split, moe
-from .quant import dequantize, take_expert
+from .quant import dequantize, is_quantized, take_expert
 from .sharding import constrain, mesh_of, sharding_for
 
 log = logging.getLogger(__name__)
@@ -362,14 +362,13 @@ def _block(config, p, xs, positions, layer_cache, *, moe_strategy, capacity_fact
     p = lora.apply_to_layer(p)  # a LoRA adapter's update, formed here so one layer's exists at a time
     kv_axes = ("batch", "cache_sequence", "kv_heads", "head_dim")
     hs = [rms_norm(x, p["attn_norm"], config.norm_eps) for x in xs]
-    wq, wk, wv, wo = (dequantize(p[k], hs[0].dtype) for k in ("wq", "wk", "wv", "wo"))
     qkv = []
     for h, pos in zip(hs, positions):
         cos, sin = pos.rope
-        q = apply_rope(jnp.einsum("btd,dnh->btnh", h, wq), cos, sin)                # [B, T, N, H]
+        q = apply_rope(_project(h, p["wq"], "btd,dnh->btnh", mesh), cos, sin)       # [B, T, N, H]
         q = constrain(q, ("batch", "sequence", "q_heads", "head_dim"), mesh)
-        k = apply_rope(jnp.einsum("btd,dkh->btkh", h, wk), cos, sin)                # [B, T, K, H]
-        v = jnp.einsum("btd,dkh->btkh", h, wv)                                      # [B, T, K, H]
+        k = apply_rope(_project(h, p["wk"], "btd,dkh->btkh", mesh), cos, sin)       # [B, T, K, H]
+        v = _project(h, p["wv"], "btd,dkh->btkh", mesh)                             # [B, T, K, H]
         qkv.append((q, k, v))
         if layer_cache is not None:
             # Every segment writes before any reads: a write after a read of the same cache would
@@ -385,7 +384,7 @@ def _block(config, p, xs, positions, layer_cache, *, moe_strategy, capacity_fact
         attn = attention_lib.attend(attention, q, k, v, pos.q_pos, pos.offset + pos.new_len, chunk,
                                     sliding_window=config.sliding_window, rows=pos.rows)  # [B, T, N, H]
         # [B, T, N*H] @ [N*H, D]: XLA's CPU dot contracting (n, h) directly runs ~13x slower
-        o = jnp.einsum("btk,kd->btd", attn.reshape(b, t, -1), wo.reshape(-1, wo.shape[-1]))
+        o = _project(attn.reshape(b, t, -1), kernels.flatten(p["wo"], 2), "btk,kd->btd", mesh)  # [B, T, D]
         attended.append(constrain(x + o, ACT, mesh))
     h = jnp.concatenate([rms_norm(x, p["ffn_norm"], config.norm_eps).reshape(-1, x.shape[-1]) for x in attended])
     valid = jnp.concatenate([pos.q_valid.reshape(-1) for pos in positions])
@@ -400,20 +399,36 @@ def _block(config, p, xs, positions, layer_cache, *, moe_strategy, capacity_fact
     return out, layer_cache, out_logits, dropped
 
 
+def _project(h, w, spec: str, mesh):
+    """h [B, T, *in] times a weight [*in, *out] (plain or int8, `spec` its einsum) -> [B, T, *out],
+    on the CPU kernel for a few rows (`mixtral_jax.kernels`), else XLA's dot."""
+    b, t = h.shape[:2]
+    n_in = h.ndim - 2
+    w2 = kernels.flatten(w, n_in)                                                   # [prod(in), prod(out)]
+    if kernels.fits(b * t, w2, mesh=mesh):
+        out_shape = (w["q"] if is_quantized(w) else w).shape[n_in:]
+        return kernels.linear(h.reshape(b * t, -1), w2).reshape(b, t, *out_shape)
+    return jnp.einsum(spec, h, dequantize(w, h.dtype))
+
+
 ACT = ("batch", "sequence", "act_embed")
 
 
-def lm_head(params, x: jax.Array) -> jax.Array:
-    """float32 logits [..., V] of final hidden states [..., D]."""
+def lm_head(params, x: jax.Array, mesh=None) -> jax.Array:
+    """float32 logits [..., V] of final hidden states [..., D] (on the CPU kernel for a few rows
+    without a mesh)."""
+    x2 = x.reshape(-1, x.shape[-1])                                                 # [B*T, D]
+    if kernels.fits(x2.shape[0], params["lm_head"], mesh=mesh):
+        return kernels.linear(x2, params["lm_head"]).reshape(*x.shape[:-1], -1).astype(jnp.float32)
     # One 2-D dot: XLA's CPU dot with batch dims [B, T] ran 2x slower (forward and backward of a
     # [8, 512, 192] x [192, 32000] training projection).
-    logits = jnp.einsum("td,dv->tv", x.reshape(-1, x.shape[-1]), params["lm_head"])   # [B*T, V]
+    logits = jnp.einsum("td,dv->tv", x2, params["lm_head"])                         # [B*T, V]
     return logits.reshape(*x.shape[:-1], -1).astype(jnp.float32)
 
 
 def _forward_all(config, params, tokens, lengths, cache, **kwargs):
     x, cache, router_logits, dropped = decoder(config, params, tokens, lengths, cache, **kwargs)
-    return lm_head(params, x), cache, router_logits, dropped
+    return lm_head(params, x, kwargs.get("mesh")), cache, router_logits, dropped
 
 
 _forward_jit = jax.jit(_forward_all,

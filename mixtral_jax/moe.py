@@ -20,6 +20,10 @@ exactly (no dropped tokens unless a capacity factor is asked for):
   Differentiable and static-shaped: the training path on CPU (4.5x faster than `ragged` there for
   the demo model's layer, forward and backward). Gathering weights per block suits small experts
   only: at Mixtral's size the copies would cost more than the matmuls.
+- `kernel`: the whole layer as one CPU custom call (`mixtral_jax.kernels`) for up to
+  `kernels.MAX_ROWS` tokens with split weights: only the selected experts are read, float32, bfloat16
+  or int8 weights widened in registers. What `auto` picks for decode on CPU when the kernels are
+  built; otherwise (and for `kernel` asked for where it cannot run) `sorted` runs.
 
 Expert weights come stacked ([E, D, F] arrays, the canonical layout) or split, the CPU layout `load`
 returns: a tuple of E per-expert matrices per weight, each in [out, in] orientation (w_gate and w_up
@@ -41,10 +45,11 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from . import kernels
 from .quant import dequantize, take_expert
 from .sharding import constrain, experts_split, token_group_multiple
 
-STRATEGIES = ("auto", "dense", "gather", "einsum", "sorted", "ragged", "blocked")
+STRATEGIES = ("auto", "dense", "gather", "einsum", "sorted", "ragged", "blocked", "kernel")
 DEFAULT_GROUP_SIZE = 512
 
 
@@ -203,6 +208,26 @@ def moe_sorted(x, routing: Routing, valid, weights, *, chunk: int | None = None)
     return jnp.einsum("tx,txd->td", gates, per_slot).astype(x.dtype)
 
 
+def kernel_fits(n_tokens: int, weights, mesh=None) -> bool:
+    """Whether `kernel` can run: split weights the kernels take, few enough tokens, kernels on."""
+    return is_split(weights[0]) and kernels.fits(n_tokens, *(w[0] for w in weights), mesh=mesh)
+
+
+def _moe_pure(x, experts, gates, weights):
+    """`moe_kernel`'s computation in pure JAX (the dense oracle: differentiable, so it is the
+    kernel's backward pass). experts [T, X] with -1 for skipped assignments."""
+    skip = experts < 0
+    routing = Routing(jnp.zeros((x.shape[0], len(weights[0])), jnp.float32),
+                      jnp.where(skip, 0.0, gates), jnp.where(skip, 0, experts))
+    return moe_dense(x, routing, weights)
+
+
+def moe_kernel(x, routing: Routing, valid, weights) -> jax.Array:
+    """The layer as one CPU custom call (see `kernel_fits`). x [T, D]; valid [T] -> y [T, D]."""
+    experts = jnp.where(valid[:, None], routing.experts, -1)                       # [T, X]
+    return kernels.moe(x, experts, routing.weights, weights, pure=_moe_pure)
+
+
 def moe_ragged(x, routing: Routing, valid, weights) -> jax.Array:
     """Exact MoE as grouped matmuls over assignments sorted by expert (differentiable).
 
@@ -341,14 +366,18 @@ def moe_einsum(x, routing: Routing, valid, weights, *,
     return y.reshape(-1, d)[:n_tokens].astype(x.dtype), dropped.astype(jnp.int32)
 
 
-def choose_strategy(n_tokens: int, n_experts: int, top_k: int, mesh=None, split: bool = False) -> str:
-    """`auto`: einsum when experts are split across devices (tokens move, weights stay); sorted
-    for split (CPU) weights, where it reads only the selected experts and measured fastest at
-    every token count, decode included; for stacked weights gather when the selected experts are
-    fewer than all experts (decode: a slice of a stacked weight inside a loop may be copied
-    whether it runs or not), else sorted."""
+def choose_strategy(n_tokens: int, n_experts: int, top_k: int, mesh=None, split: bool = False,
+                    kernel: bool = False) -> str:
+    """`auto`: einsum when experts are split across devices (tokens move, weights stay); the CPU
+    kernel when it fits (`kernel`); sorted for split (CPU) weights, where it reads only the
+    selected experts and measured fastest of the pure-JAX paths at every token count, decode
+    included; for stacked weights gather when the selected experts are fewer than all experts
+    (decode: a slice of a stacked weight inside a loop may be copied whether it runs or not),
+    else sorted."""
     if experts_split(mesh):
         return "einsum"
+    if kernel:
+        return "kernel"
     if split:
         return "sorted"
     return "gather" if n_tokens * top_k < n_experts else "sorted"
@@ -378,7 +407,10 @@ def moe(x, layer, *, top_k: int, valid=None, strategy: str = "auto",
     routing = route(x, layer["router"], top_k, layer.get("router_bias"))
     weights = (layer["w_gate"], layer["w_up"], layer["w_down"])
     if strategy == "auto":
-        strategy = choose_strategy(x.shape[0], routing.logits.shape[-1], top_k, mesh, is_split(weights[0]))
+        strategy = choose_strategy(x.shape[0], routing.logits.shape[-1], top_k, mesh, is_split(weights[0]),
+                                   kernel_fits(x.shape[0], weights, mesh))
+    elif strategy == "kernel" and not kernel_fits(x.shape[0], weights, mesh):
+        strategy = "sorted"
     if valid is None:
         valid = jnp.ones(x.shape[:1], bool)
     dropped = jnp.zeros((), jnp.int32)
@@ -392,6 +424,8 @@ def moe(x, layer, *, top_k: int, valid=None, strategy: str = "auto",
         y = moe_ragged(x, routing, valid, weights)
     elif strategy == "blocked":
         y = moe_blocked(x, routing, valid, weights)
+    elif strategy == "kernel":
+        y = moe_kernel(x, routing, valid, weights)
     else:
         y, dropped = moe_einsum(x, routing, valid, weights, group_size=group_size,
                                 capacity_factor=capacity_factor, mesh=mesh)

@@ -210,14 +210,14 @@ def prefill(config, params, tokens, lengths, p, seeds, stop, max_new, *, static:
                         tokens=jnp.zeros((b, out_len), jnp.int32),
                         logprobs=jnp.zeros((b, out_len), jnp.float32),
                         counts=jnp.zeros((b, vocab), jnp.int32), in_prompt=in_prompt)
-    return _choose(state, lm_head(params, last_hidden), p, seeds, stop, max_new, mesh)
+    return _choose(state, lm_head(params, last_hidden, mesh), p, seeds, stop, max_new, mesh)
 
 
 def decode_step(config, params, state: DecodeState, p, seeds, stop, max_new, *, static: Static) -> DecodeState:
     """Feed each row's last token and choose the next one."""
     hidden, cache, _, _ = decoder(config, params, state.last[:, None], None, state.cache, mesh=static.mesh,
                                   attention=static.attention)
-    return _choose(state.replace(cache=cache), lm_head(params, hidden[:, 0]), p, seeds, stop, max_new,
+    return _choose(state.replace(cache=cache), lm_head(params, hidden[:, 0], static.mesh), p, seeds, stop, max_new,
                    static.mesh)
 
 

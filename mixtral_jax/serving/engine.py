@@ -140,7 +140,7 @@ def _step(config, params, slots: Slots, stop, chunk: Chunk | None = None, *, att
         segments.append(Segment(chunk.tokens[None], jnp.reshape(chunk.n_valid, (1,)), jnp.reshape(chunk.slot, (1,))))
     hidden, cache, router_logits, _ = decoder_segments(config, params, segments, cache, attention=attention,
                                                        mesh=mesh)
-    logits = lm_head(params, hidden[0][:, 0])                                         # [N, V]
+    logits = lm_head(params, hidden[0][:, 0], mesh)                                   # [N, V]
     keys = jax.vmap(lambda s, n: jax.random.fold_in(jax.random.key(s), n))(slots.seeds, slots.n_new)
     token = sample(apply_penalties(logits, slots.params, slots.counts, slots.in_prompt), slots.params, keys)
     lp, top_ids, top_lp, routing = _emit(logits, token, router_logits[0][:, :, 0], config.top_k)
@@ -153,18 +153,18 @@ def _step(config, params, slots: Slots, stop, chunk: Chunk | None = None, *, att
                               routing=routing), mesh)
     if chunk is None:
         return new, out, None
-    new, first = _start(config, params, new, chunk, hidden[1][0], router_logits[1][:, 0], stop)
+    new, first = _start(config, params, new, chunk, hidden[1][0], router_logits[1][:, 0], stop, mesh)
     return new, out, _replicated(first, mesh)
 
 
-def _start(config, params, slots: Slots, chunk: Chunk, hidden, router_logits, stop):
+def _start(config, params, slots: Slots, chunk: Chunk, hidden, router_logits, stop, mesh):
     """After a prompt chunk (hidden [C, D], router logits [L, C, E]): the prompt's tokens marked for
     the repetition penalty and, at its last chunk, the first token sampled and the slot started."""
     vocab, slot = config.vocab_size, chunk.slot
     ids = jnp.where(jnp.arange(chunk.tokens.shape[0]) < chunk.n_valid, chunk.tokens, vocab)
     prompt_row = jnp.where(chunk.start == 0, False, slots.in_prompt[slot]).at[ids].set(True, mode="drop")
     last = chunk.n_valid - 1
-    logits = lm_head(params, hidden[last][None])                                      # [1, V]
+    logits = lm_head(params, hidden[last][None], mesh)                                # [1, V]
     key = jax.random.fold_in(jax.random.key(chunk.seed[0]), 0)[None]
     counts0 = jnp.zeros((1, vocab), jnp.int32)
     token = sample(apply_penalties(logits, chunk.request, counts0, prompt_row[None]), chunk.request, key)

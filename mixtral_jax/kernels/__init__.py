@@ -1,0 +1,173 @@
+"""Optional CPU decode kernels: the matrix products of a few-token step as XLA FFI custom calls.
+
+Decode reads every weight once per step for a handful of activation rows, so it runs at the speed
+of memory. XLA:CPU's dots reach that for float32 weights only; with bfloat16 or int8 weights they
+run at a small fraction of it (DESIGN.md §2), so on CPU the model's fewer bytes bought nothing. The
+C++ kernels in `cpu_kernels.cc` (built at install time against jaxlib's XLA FFI headers) widen
+bf16/int8 weights to float32 in registers and spread output rows over XLA's own thread pool:
+
+  - `linear`: x [M, K] @ w [K, N] (attention projections, lm_head), float32/bfloat16/int8 weights
+    (int8: per-output-channel scales, as `mixtral_jax.quant` stores them);
+  - `moe`: the whole MoE layer for a few tokens over the CPU layout's per-expert [out, in]
+    matrices, reading only the selected experts (one call per layer instead of a `lax.switch` per
+    token and slot).
+
+They run when all of these hold at trace time: the backend is CPU, no mesh, at most `MAX_ROWS`
+activation rows, every dimension a multiple of 16, weights float32/bfloat16/int8, the library built,
+and `MIXTRAL_JAX_CPU_KERNELS` is not "0". Otherwise the pure-JAX path runs; it is also the oracle
+(tests/test_kernels.py) and the backward pass (gradients are the pure path's `jax.vjp`), so the
+choice never changes what a program computes beyond summation order. `status()` says which path
+runs; it is logged once when a model first traces on CPU. The choice is made while tracing, so it
+adds no compiled programs.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import glob
+import logging
+import math
+import os
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from ..quant import dequantize, is_quantized
+
+logger = logging.getLogger(__name__)
+
+ENV = "MIXTRAL_JAX_CPU_KERNELS"
+MAX_ROWS = 16          # activation rows per call (cpu_kernels.cc kMaxRows)
+_ISAS = ("generic x86-64/portable C++", "AVX2+FMA", "AVX-512")
+_TARGETS = ("mj_linear", "mj_moe", "mj_read_probe")
+_WEIGHT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.int8)
+
+
+@functools.cache
+def _load() -> tuple[Any, str]:
+    """(the loaded library or None, a description); registers the FFI targets once."""
+    found = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "_cpu_kernels*.so")))
+    if not found:
+        return None, "not built (install with a C++17 compiler to build them)"
+    try:
+        lib = ctypes.cdll.LoadLibrary(found[0])
+        for name in _TARGETS:
+            jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, name)), platform="cpu")
+    except (OSError, AttributeError) as error:
+        return None, f"failed to load {found[0]}: {error}"
+    return lib, f"built, {_ISAS[lib.mj_isa()]}"
+
+
+def status() -> str:
+    """One line: which path the CPU decode matrix products take, and why."""
+    if os.environ.get(ENV) == "0":
+        return f"CPU kernels off ({ENV}=0): pure-JAX path"
+    lib, why = _load()
+    return f"CPU kernels on ({why})" if lib is not None else f"CPU kernels off ({why}): pure-JAX path"
+
+
+@functools.cache
+def _announce(line: str) -> None:
+    logger.info(line)
+
+
+def enabled(mesh=None) -> bool:
+    """Whether the kernels may run in a program traced now (CPU, no mesh, built, not turned off)."""
+    if mesh is not None or jax.default_backend() != "cpu":
+        return False
+    _announce(status())
+    return os.environ.get(ENV) != "0" and _load()[0] is not None
+
+
+def _weight_ok(w) -> bool:
+    leaf = w["q"] if is_quantized(w) else w
+    return leaf.ndim == 2 and leaf.dtype in _WEIGHT_DTYPES and all(n % 16 == 0 for n in leaf.shape)
+
+
+def fits(rows: int, *weights, mesh=None) -> bool:
+    """Whether `rows` activation rows times these 2-D weights (plain or int8) take the kernels."""
+    return 0 < rows <= MAX_ROWS and all(_weight_ok(w) for w in weights) and enabled(mesh)
+
+
+def flatten(w, n_in: int):
+    """A weight [*in, *out] (plain or int8) as 2-D [prod(in), prod(out)]; int8 scales as [prod(out)]."""
+    def two_d(a):
+        return a.reshape(math.prod(a.shape[:n_in]), -1)
+    if is_quantized(w):
+        return {"q": two_d(w["q"]), "scale": w["scale"].reshape(-1)}
+    return two_d(w)
+
+
+def _with_pure_grad(kernel: Callable, pure: Callable) -> Callable:
+    """`kernel` forward, the pure-JAX function's gradient (custom calls have no autodiff rule)."""
+    fn = jax.custom_vjp(kernel)
+    fn.defvjp(lambda *args: (kernel(*args), args), lambda args, g: jax.vjp(pure, *args)[1](g))
+    return fn
+
+
+def _split_weight(w):
+    """(data, float32 scale [N] or a placeholder) for the custom call."""
+    if is_quantized(w):
+        return w["q"], w["scale"].reshape(-1).astype(jnp.float32)
+    return w, jnp.zeros((1,), jnp.float32)
+
+
+def _library():
+    lib, why = _load()
+    if lib is None:
+        raise RuntimeError(f"mixtral_jax CPU kernels unavailable: {why}")
+    return lib
+
+
+def _linear_kernel(x, w, *, nk: bool):
+    _library()
+    data, scale = _split_weight(w)
+    n = data.shape[0] if nk else data.shape[1]
+    call = jax.ffi.ffi_call("mj_linear", jax.ShapeDtypeStruct((x.shape[0], n), jnp.float32),
+                            vmap_method="sequential")
+    return call(x.astype(jnp.float32), data, scale, nk=nk).astype(x.dtype)
+
+
+def _linear_pure(x, w, *, nk: bool):
+    w = dequantize(w, x.dtype)
+    return jnp.einsum("mk,nk->mn" if nk else "mk,kn->mn", x, w)                       # [M, N]
+
+
+def linear(x: jax.Array, w, *, nk: bool = False) -> jax.Array:
+    """x [M, K] @ w [K, N] (or w [N, K] with nk=True) -> [M, N] in x's dtype, on the kernel when
+    `fits` (the caller checks; `flatten` makes N-d weights 2-D)."""
+    fn = _with_pure_grad(functools.partial(_linear_kernel, nk=nk), functools.partial(_linear_pure, nk=nk))
+    return fn(x, w)
+
+
+def _moe_kernel(x, experts, gates, weights):
+    _library()
+    n_experts = len(weights[0])
+    operands = [_split_weight(w)[0] for group in weights for w in group]
+    if is_quantized(weights[0][0]):
+        operands += [_split_weight(w)[1] for group in weights for w in group]
+    call = jax.ffi.ffi_call("mj_moe", jax.ShapeDtypeStruct(x.shape, jnp.float32), vmap_method="sequential")
+    return call(x.astype(jnp.float32), experts, gates.astype(jnp.float32), *operands,
+                n_experts=n_experts).astype(x.dtype)
+
+
+def moe(x: jax.Array, experts: jax.Array, gates: jax.Array, weights, pure: Callable) -> jax.Array:
+    """The MoE layer on the kernel for a few tokens.
+
+    Args:
+      x: [T, D]; experts: [T, X] int32, -1 for assignments to skip (padding); gates: [T, X].
+      weights: (w_gate, w_up, w_down), each a tuple of E per-expert [out, in] matrices (plain or int8).
+      pure: the same layer in pure JAX with this signature (its gradient is used).
+    Returns:
+      y [T, D] in x's dtype.
+    """
+    return _with_pure_grad(_moe_kernel, pure)(x, experts, gates, weights)
+
+
+def read_probe(x: jax.Array) -> jax.Array:
+    """Sum of a float32 array by the kernels' multi-threaded streaming read (the bandwidth probe)."""
+    _library()
+    call = jax.ffi.ffi_call("mj_read_probe", jax.ShapeDtypeStruct((1,), jnp.float32))
+    return call(x.reshape(-1))[0]

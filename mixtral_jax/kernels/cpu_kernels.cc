@@ -1,0 +1,505 @@
+// Decode-time matrix products on CPU as XLA FFI custom calls (see mixtral_jax/kernels/__init__.py).
+//
+// Decode reads every weight once per step for a handful of activation rows, so it is bound by
+// memory bandwidth; XLA:CPU's dots reach it for float32 only and run bfloat16/int8 weights at a
+// small fraction of it (DESIGN.md §2). These kernels widen bf16/int8 weights to float32 in
+// registers (exactly: products are the pure-JAX path's `q * scale` dequantisation up to the
+// summation order) and spread output rows over XLA's own intra-op thread pool.
+//
+// Two weight orientations, as the parameter layout has them:
+//   kn: w [K, N] (x @ w; attention projections, lm_head): each task owns a column tile and walks
+//       down the rows four at a time, accumulating in L1.
+//   nk: w [N, K] (the CPU layout's per-expert matrices): each task owns output rows and takes dot
+//       products along contiguous weight rows.
+// The body is compiled once per instruction set (AVX-512, AVX2+FMA, generic) and chosen at run
+// time, so one build runs on any x86-64 processor.
+
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <functional>
+#include <mutex>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+enum class WType { kF32, kBF16, kI8 };
+template <WType T> constexpr int64_t kBytes = T == WType::kF32 ? 4 : T == WType::kBF16 ? 2 : 1;
+
+// Both loops prefetch the weight rows they will read four rows on. Decode's weights do not fit
+// the cache, and with two cores the hardware prefetchers alone left int8 rows (1 KB, a quarter
+// page) at half of float32's bytes/s: measured over 1 GB of weights, int8 went from 1.8x to
+// 3-3.5x float32's speed, float32 itself unchanged (BENCHMARKS.md).
+constexpr int64_t kAhead = 4;
+
+// Rows of activations one call handles (the Python side falls back to XLA above it).
+constexpr int64_t kMaxRows = 16;
+
+#define MJ_KERNEL_BODY                                                                             \
+  template <WType T>                                                                               \
+  inline f32x16 load16(const void* base, int64_t i) {                                              \
+    if constexpr (T == WType::kF32) {                                                              \
+      f32x16 r;                                                                                    \
+      std::memcpy(&r, static_cast<const float*>(base) + i, 64);                                    \
+      return r;                                                                                    \
+    } else if constexpr (T == WType::kBF16) {                                                      \
+      return widen_bf16(static_cast<const uint16_t*>(base) + i);                                   \
+    } else {                                                                                       \
+      return widen_i8(static_cast<const int8_t*>(base) + i);                                       \
+    }                                                                                              \
+  }                                                                                                \
+                                                                                                   \
+  inline f32x16 loadf(const float* p) {                                                            \
+    f32x16 r;                                                                                      \
+    std::memcpy(&r, p, 64);                                                                        \
+    return r;                                                                                      \
+  }                                                                                                \
+                                                                                                   \
+  inline float hsum(f32x16 v) {                                                                    \
+    float s = 0.f;                                                                                 \
+    for (int i = 0; i < 16; ++i) s += v[i];                                                        \
+    return s;                                                                                      \
+  }                                                                                                \
+                                                                                                   \
+  /* y[m, n] = sum_k x[m, k] w[k, n] (* scale[n]) for n in [n0, n0 + nt); m_rows * nt <= kMaxRows * kTile. */          \
+  template <WType T>                                                                               \
+  void kn_tile(const float* x, int64_t m_rows, int64_t k_dim, const void* w, int64_t n_dim,       \
+               const float* scale, int64_t n0, int64_t nt, float* y) {                             \
+    alignas(64) float acc[kMaxRows * kTile];                                                       \
+    std::memset(acc, 0, sizeof(float) * m_rows * nt);                                              \
+    for (int64_t k = 0; k < k_dim; k += 4) {                                                       \
+      const int64_t r0 = k * n_dim + n0;                                                           \
+      for (int64_t j = 0; j < nt; j += 16) {                                                       \
+        if (((j * kBytes<T>) & 63) == 0)                                                           \
+          for (int r = 0; r < 4; ++r)                                                              \
+            __builtin_prefetch(static_cast<const char*>(w) + (r0 + (kAhead + r) * n_dim + j) * kBytes<T>, 0, 3); \
+        const f32x16 w0 = load16<T>(w, r0 + j), w1 = load16<T>(w, r0 + n_dim + j);                 \
+        const f32x16 w2 = load16<T>(w, r0 + 2 * n_dim + j), w3 = load16<T>(w, r0 + 3 * n_dim + j); \
+        for (int64_t m = 0; m < m_rows; ++m) {                                                     \
+          const float* xm = x + m * k_dim + k;                                                     \
+          float* a = acc + m * nt + j;                                                             \
+          f32x16 s = loadf(a);                                                                     \
+          s += xm[0] * w0 + xm[1] * w1 + xm[2] * w2 + xm[3] * w3;                                  \
+          std::memcpy(a, &s, 64);                                                                  \
+        }                                                                                          \
+      }                                                                                            \
+    }                                                                                              \
+    for (int64_t m = 0; m < m_rows; ++m)                                                           \
+      for (int64_t j = 0; j < nt; ++j)                                                             \
+        y[m * n_dim + n0 + j] = acc[m * nt + j] * (scale ? scale[n0 + j] : 1.f);                   \
+  }                                                                                                \
+                                                                                                   \
+  /* y[m * ldy + n] = sum_k x[m, k] w[n, k] (* scale[n]) for n in [n0, n1), 4 rows at a time. */   \
+  template <WType T, int MB>                                                                       \
+  void nk_block(const float* x, int64_t k_dim, const void* w, const float* scale, int64_t n,      \
+                float* y, int64_t ldy) {                                                           \
+    f32x16 acc[MB][4] = {};                                                                        \
+    for (int64_t k = 0; k < k_dim; k += 16) {                                                      \
+      f32x16 wr[4];                                                                                \
+      for (int r = 0; r < 4; ++r) __builtin_prefetch(static_cast<const char*>(w) + ((n + kAhead + r) * k_dim + k) * kBytes<T>, 0, 3); \
+      for (int r = 0; r < 4; ++r) wr[r] = load16<T>(w, (n + r) * k_dim + k);                       \
+      for (int m = 0; m < MB; ++m) {                                                               \
+        const f32x16 xv = loadf(x + m * k_dim + k);                                                \
+        for (int r = 0; r < 4; ++r) acc[m][r] += xv * wr[r];                                       \
+      }                                                                                            \
+    }                                                                                              \
+    for (int m = 0; m < MB; ++m)                                                                   \
+      for (int r = 0; r < 4; ++r)                                                                  \
+        y[m * ldy + n + r] = hsum(acc[m][r]) * (scale ? scale[n + r] : 1.f);                       \
+  }                                                                                                \
+                                                                                                   \
+  template <WType T>                                                                               \
+  void nk_rows(const float* x, int64_t m_rows, int64_t k_dim, const void* w, const float* scale,  \
+               int64_t n0, int64_t n1, float* y, int64_t ldy) {                                    \
+    for (int64_t n = n0; n < n1; n += 4) {                                                         \
+      int64_t m = 0;                                                                               \
+      for (; m + 4 <= m_rows; m += 4)                                                              \
+        nk_block<T, 4>(x + m * k_dim, k_dim, w, scale, n, y + m * ldy, ldy);                       \
+      switch (m_rows - m) {                                                                        \
+        case 3: nk_block<T, 3>(x + m * k_dim, k_dim, w, scale, n, y + m * ldy, ldy); break;        \
+        case 2: nk_block<T, 2>(x + m * k_dim, k_dim, w, scale, n, y + m * ldy, ldy); break;        \
+        case 1: nk_block<T, 1>(x + m * k_dim, k_dim, w, scale, n, y + m * ldy, ldy); break;        \
+        default: break;                                                                            \
+      }                                                                                            \
+    }                                                                                              \
+  }
+
+constexpr int64_t kTile = 512;
+
+// kn column tile for `rows` activation rows: 4 KB of each float32 weight row while the
+// accumulators fit L1 (1024 beat 512 up to 4 rows), narrower until every thread gets about four
+// tiles (a [1024, 1024] projection in one tile would run on one core).
+int64_t KnTileWidth(int64_t rows, int64_t n, int64_t threads) {
+  int64_t width = rows <= 4 ? 2 * kTile : kTile;
+  while (width > 64 && n < 4 * threads * width) width /= 2;
+  return width;
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,fma")
+namespace avx512 {
+typedef float f32x16 __attribute__((vector_size(64)));
+inline f32x16 widen_i8(const int8_t* p) {
+  return (f32x16)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
+inline f32x16 widen_bf16(const uint16_t* p) {
+  const __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return (f32x16)_mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+}
+MJ_KERNEL_BODY
+}  // namespace avx512
+#pragma GCC pop_options
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+namespace avx2 {
+typedef float f32x16 __attribute__((vector_size(64)));
+inline f32x16 widen_i8(const int8_t* p) {
+  const __m256 lo = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+  const __m256 hi = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 8))));
+  f32x16 r;
+  std::memcpy(&r, &lo, 32);
+  std::memcpy(reinterpret_cast<char*>(&r) + 32, &hi, 32);
+  return r;
+}
+inline f32x16 widen_bf16(const uint16_t* p) {
+  const __m256i lo = _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16);
+  const __m256i hi = _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8))), 16);
+  f32x16 r;
+  std::memcpy(&r, &lo, 32);
+  std::memcpy(reinterpret_cast<char*>(&r) + 32, &hi, 32);
+  return r;
+}
+MJ_KERNEL_BODY
+}  // namespace avx2
+#pragma GCC pop_options
+#endif
+namespace generic {
+typedef float f32x16 __attribute__((vector_size(64)));
+inline f32x16 widen_i8(const int8_t* p) {
+  f32x16 r;
+  for (int i = 0; i < 16; ++i) r[i] = p[i];
+  return r;
+}
+inline f32x16 widen_bf16(const uint16_t* p) {
+  f32x16 r;
+  for (int i = 0; i < 16; ++i) {
+    const uint32_t bits = static_cast<uint32_t>(p[i]) << 16;
+    std::memcpy(&r[0] + i, &bits, 4);
+  }
+  return r;
+}
+MJ_KERNEL_BODY
+}  // namespace generic
+
+enum class Isa { kGeneric, kAvx2, kAvx512 };
+
+Isa DetectIsa() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
+    return Isa::kAvx512;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::kAvx2;
+#endif
+  return Isa::kGeneric;
+}
+
+const Isa kIsa = DetectIsa();
+
+template <WType T>
+void KnTile(const float* x, int64_t m, int64_t k, const void* w, int64_t n, const float* s, int64_t n0,
+            int64_t nt, float* y) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  if (kIsa == Isa::kAvx512) return avx512::kn_tile<T>(x, m, k, w, n, s, n0, nt, y);
+  if (kIsa == Isa::kAvx2) return avx2::kn_tile<T>(x, m, k, w, n, s, n0, nt, y);
+#endif
+  generic::kn_tile<T>(x, m, k, w, n, s, n0, nt, y);
+}
+
+template <WType T>
+void NkRows(const float* x, int64_t m, int64_t k, const void* w, const float* s, int64_t n0, int64_t n1,
+            float* y, int64_t ldy) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  if (kIsa == Isa::kAvx512) return avx512::nk_rows<T>(x, m, k, w, s, n0, n1, y, ldy);
+  if (kIsa == Isa::kAvx2) return avx2::nk_rows<T>(x, m, k, w, s, n0, n1, y, ldy);
+#endif
+  generic::nk_rows<T>(x, m, k, w, s, n0, n1, y, ldy);
+}
+
+// Workers that spin between the many short parallel loops of a decode step. Handing each loop to
+// XLA's intra-op pool woke a sleeping thread every time (six loops per layer); spinning workers,
+// as llama.cpp's, start within microseconds (int8 and bf16 decode ~10% faster, float32 unchanged:
+// it is bound by memory). A worker spins for a few hundred microseconds after a loop (longer than
+// the gaps between a step's loops), then sleeps, so it does not hold a core between steps.
+class SpinPool {
+ public:
+  static SpinPool& Get() {
+    static SpinPool* pool = new SpinPool();  // never destroyed: detached workers hold it
+    return *pool;
+  }
+  int64_t workers() const { return workers_; }
+
+  // fn(0..n-1) on the caller and the workers; returns when all are done. Each loop has its own
+  // counters: a worker that arrives late claims past the end and leaves without calling fn.
+  void Run(int64_t n, const std::function<void(int64_t)>& fn) {
+    auto job = std::make_shared<Job>();
+    job->fn = &fn;
+    job->n = n;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      job_ = job;
+      generation_.fetch_add(1, std::memory_order_release);
+    }
+    cv_.notify_all();
+    job->Work();
+    while (job->done.load(std::memory_order_acquire) < n) Pause();
+  }
+
+ private:
+  struct Job {
+    const std::function<void(int64_t)>* fn = nullptr;
+    int64_t n = 0;
+    std::atomic<int64_t> next{0}, done{0};
+    void Work() {
+      for (int64_t i; (i = next.fetch_add(1)) < n;) {
+        (*fn)(i);
+        done.fetch_add(1, std::memory_order_release);
+      }
+    }
+  };
+
+  SpinPool() : workers_(std::max<int64_t>(1, std::thread::hardware_concurrency()) - 1) {
+    for (int64_t i = 0; i < workers_; ++i) std::thread([this] { Loop(); }).detach();
+  }
+  static void Pause() {
+#if defined(__x86_64__)
+    _mm_pause();
+#else
+    std::this_thread::yield();
+#endif
+  }
+  void Loop() {
+    uint64_t seen = 0;
+    for (;;) {
+      for (int spins = 0; generation_.load(std::memory_order_acquire) == seen && spins < (1 << 12); ++spins) Pause();
+      std::shared_ptr<Job> job;
+      {
+        std::unique_lock<std::mutex> lock(mu_);
+        cv_.wait(lock, [&] { return generation_.load() != seen; });
+        seen = generation_.load();
+        job = job_;
+      }
+      job->Work();
+    }
+  }
+
+  const int64_t workers_;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::atomic<uint64_t> generation_{0};
+  std::shared_ptr<Job> job_;
+};
+
+template <typename F>
+void ParallelFor(int64_t n, const F& fn) {
+  SpinPool& pool = SpinPool::Get();
+  if (n <= 1 || pool.workers() == 0) {
+    for (int64_t i = 0; i < n; ++i) fn(i);
+    return;
+  }
+  pool.Run(n, std::function<void(int64_t)>(std::cref(fn)));
+}
+
+WType WeightType(ffi::DataType t) {
+  if (t == ffi::DataType::BF16) return WType::kBF16;
+  if (t == ffi::DataType::S8) return WType::kI8;
+  return WType::kF32;
+}
+
+bool SupportedWeight(ffi::DataType t) {
+  return t == ffi::DataType::F32 || t == ffi::DataType::BF16 || t == ffi::DataType::S8;
+}
+
+template <typename Fn>
+void WithType(WType t, const Fn& fn) {
+  if (t == WType::kF32) fn(std::integral_constant<WType, WType::kF32>());
+  else if (t == WType::kBF16) fn(std::integral_constant<WType, WType::kBF16>());
+  else fn(std::integral_constant<WType, WType::kI8>());
+}
+
+// x [M, K] float32; w [K, N] (nk = false) or [N, K] (nk = true) in f32/bf16/s8; scale [N] float32
+// (ignored unless w is s8); y [M, N] float32.
+ffi::Error LinearImpl(ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w,
+                      ffi::Buffer<ffi::F32> scale, ffi::ResultBuffer<ffi::F32> y, bool nk) {
+  const auto xd = x.dimensions(), wd = w.dimensions();
+  if (xd.size() != 2 || wd.size() != 2) return ffi::Error::InvalidArgument("mj_linear: x and w must be 2-D");
+  const int64_t m = xd[0], k = xd[1], n = nk ? wd[0] : wd[1];
+  if ((nk ? wd[1] : wd[0]) != k || m > kMaxRows || k % 16 || n % 16 || !SupportedWeight(w.element_type()))
+    return ffi::Error::InvalidArgument("mj_linear: unsupported shapes or weight type");
+  const WType t = WeightType(w.element_type());
+  const float* s = t == WType::kI8 ? scale.typed_data() : nullptr;
+  const float* xp = x.typed_data();
+  float* yp = y->typed_data();
+  const void* wp = w.untyped_data();
+  WithType(t, [&](auto tc) {
+    constexpr WType T = decltype(tc)::value;
+    if (nk) {
+      const int64_t rows = 64, tasks = (n + rows - 1) / rows;
+      ParallelFor(tasks, [&](int64_t i) {
+        NkRows<T>(xp, m, k, wp, s, i * rows, std::min(n, (i + 1) * rows), yp, n);
+      });
+    } else {
+      const int64_t tile = KnTileWidth(m, n, SpinPool::Get().workers() + 1), tasks = (n + tile - 1) / tile;
+      ParallelFor(tasks, [&](int64_t i) {
+        KnTile<T>(xp, m, k, wp, n, s, i * tile, std::min(tile, n - i * tile), yp);
+      });
+    }
+  });
+  return ffi::Error::Success();
+}
+
+float Silu(float v) { return v / (1.f + std::exp(-v)); }
+
+// The MoE layer for a few tokens: y[t] = sum_x gate[t, x] * SwiGLU_{e[t, x]}(x[t]), reading only
+// the selected experts. x [T, D] f32; experts [T, X] s32 (-1: skip); gates [T, X] f32; then
+// w_gate[0..E), w_up[0..E) ([F, D]), w_down[0..E) ([D, F]) and, when quantized, their scales
+// ([F] or [D] f32) in the same order. y [T, D] f32.
+ffi::Error MoeImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> experts,
+                   ffi::Buffer<ffi::F32> gates, ffi::RemainingArgs rest, ffi::ResultBuffer<ffi::F32> y,
+                   int64_t n_experts) {
+  const int64_t t_dim = x.dimensions()[0], d = x.dimensions()[1], top = experts.dimensions()[1];
+  const bool quantized = static_cast<int64_t>(rest.size()) == 6 * n_experts;
+  if (static_cast<int64_t>(rest.size()) != (quantized ? 6 : 3) * n_experts)
+    return ffi::Error::InvalidArgument("mj_moe: expected 3 or 6 weight operands per expert");
+  auto arg = [&](int64_t i) { return rest.get<ffi::AnyBuffer>(i).value(); };
+  const ffi::AnyBuffer w0 = arg(0);
+  const int64_t f = w0.dimensions()[0];
+  if (d % 16 || f % 16 || !SupportedWeight(w0.element_type()) || w0.dimensions()[1] != d)
+    return ffi::Error::InvalidArgument("mj_moe: unsupported shapes or weight type");
+  const WType t = WeightType(w0.element_type());
+
+  // Assignments grouped by expert; each active expert gets its rows gathered once.
+  const int32_t* ex = experts.typed_data();
+  const float* g = gates.typed_data();
+  std::vector<std::vector<int64_t>> rows(n_experts);
+  for (int64_t i = 0; i < t_dim * top; ++i)
+    if (ex[i] >= 0 && ex[i] < n_experts) rows[ex[i]].push_back(i);
+  std::vector<int64_t> active;
+  for (int64_t e = 0; e < n_experts; ++e)
+    if (!rows[e].empty()) active.push_back(e);
+  std::vector<std::vector<float>> xs(n_experts), hs(n_experts);
+  for (int64_t e : active) {
+    xs[e].resize(rows[e].size() * d);
+    hs[e].resize(rows[e].size() * f);
+    for (size_t r = 0; r < rows[e].size(); ++r)
+      std::memcpy(&xs[e][r * d], x.typed_data() + (rows[e][r] / top) * d, sizeof(float) * d);
+  }
+  const float* no_scale = nullptr;
+  auto scale_of = [&](int64_t i) { return quantized ? arg(3 * n_experts + i).typed_data<float>() : no_scale; };
+  float* yp = y->typed_data();
+  std::memset(yp, 0, sizeof(float) * t_dim * d);
+  constexpr int64_t kRows = 64;
+
+  WithType(t, [&](auto tc) {
+    constexpr WType T = decltype(tc)::value;
+    // Stage 1: h = silu(x w_gate^T) * (x w_up^T), tasks over (expert, 64 hidden rows).
+    const int64_t f_tasks = (f + kRows - 1) / kRows;
+    ParallelFor(static_cast<int64_t>(active.size()) * f_tasks, [&](int64_t i) {
+      const int64_t e = active[i / f_tasks], f0 = (i % f_tasks) * kRows, f1 = std::min(f, f0 + kRows);
+      const int64_t r = rows[e].size();
+      float gate_out[kMaxRows * kRows], up_out[kMaxRows * kRows];
+      for (int64_t r0 = 0; r0 < r; r0 += kMaxRows) {
+        const int64_t rb = std::min<int64_t>(kMaxRows, r - r0);
+        NkRows<T>(&xs[e][r0 * d], rb, d, arg(e).untyped_data(), scale_of(e), f0, f1, gate_out - f0, kRows);
+        NkRows<T>(&xs[e][r0 * d], rb, d, arg(n_experts + e).untyped_data(), scale_of(n_experts + e), f0, f1,
+                  up_out - f0, kRows);
+        for (int64_t q = 0; q < rb; ++q)
+          for (int64_t j = f0; j < f1; ++j)
+            hs[e][(r0 + q) * f + j] = Silu(gate_out[q * kRows + j - f0]) * up_out[q * kRows + j - f0];
+      }
+    });
+    // Stage 2: y[t] += gate * (h w_down^T), tasks over 64 output columns (all experts each).
+    const int64_t d_tasks = (d + kRows - 1) / kRows;
+    ParallelFor(d_tasks, [&](int64_t i) {
+      const int64_t d0 = i * kRows, d1 = std::min(d, d0 + kRows);
+      float out[kMaxRows * kRows];
+      for (int64_t e : active) {
+        const int64_t r = rows[e].size();
+        for (int64_t r0 = 0; r0 < r; r0 += kMaxRows) {
+          const int64_t rb = std::min<int64_t>(kMaxRows, r - r0);
+          NkRows<T>(&hs[e][r0 * f], rb, f, arg(2 * n_experts + e).untyped_data(), scale_of(2 * n_experts + e),
+                    d0, d1, out - d0, kRows);
+          for (int64_t q = 0; q < rb; ++q) {
+            const int64_t a = rows[e][r0 + q];
+            float* yt = yp + (a / top) * d;
+            for (int64_t j = d0; j < d1; ++j) yt[j] += g[a] * out[q * kRows + j - d0];
+          }
+        }
+      }
+    });
+  });
+  return ffi::Error::Success();
+}
+
+// A multi-threaded streaming read (the bandwidth probe): out[0] = sum of x.
+ffi::Error ReadProbeImpl(ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F32> out) {
+  const int64_t n = x.element_count(), chunk = 1 << 16, tasks = (n + chunk - 1) / chunk;
+  std::vector<float> part(tasks);
+  const float* p = x.typed_data();
+  ParallelFor(tasks, [&](int64_t i) {
+    float s[16] = {};
+    const int64_t lo = i * chunk, hi = std::min(n, lo + chunk);
+    int64_t j = lo;
+    for (; j + 16 <= hi; j += 16)
+      for (int l = 0; l < 16; ++l) s[l] += p[j + l];
+    for (; j < hi; ++j) s[0] += p[j];
+    float total = 0.f;
+    for (float v : s) total += v;
+    part[i] = total;
+  });
+  float total = 0.f;
+  for (float v : part) total += v;
+  out->typed_data()[0] = total;
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(mj_linear, LinearImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<bool>("nk"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(mj_moe, MoeImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .RemainingArgs()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("n_experts"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(mj_read_probe, ReadProbeImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+// Which instruction set the kernels run with: 0 generic, 1 AVX2+FMA, 2 AVX-512.
+extern "C" int mj_isa() { return static_cast<int>(kIsa); }

@@ -1,0 +1,186 @@
+"""CPU decode kernels (mixtral_jax.kernels) against the pure-JAX path they replace, and HF.
+
+Dimensions here are multiples of 16 (the kernels' requirement), unlike the rest of the suite's
+tiny configs, so these are the tests that run the kernels inside whole models."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import mixtral_jax as mj
+from mixtral_jax import kernels, quant
+from mixtral_jax import moe as moe_lib
+from conftest import hf_logits, hf_model
+from tolerances import GRAD_TOL, KERNEL_RTOL, LOGITS_ATOL, STRATEGY_ATOL
+
+KCONFIG = mj.MixtralConfig(vocab_size=512, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16,
+                           d_ff=96, n_experts=8, top_k=2, max_seq_len=256)
+OFF = os.environ.get(kernels.ENV) == "0"
+
+
+def test_status_says_which_path_runs():
+    """CI builds the kernels (a compiler is there): they must be on unless turned off."""
+    line = kernels.status()
+    if OFF:
+        assert line.startswith("CPU kernels off") and kernels.ENV in line
+    else:
+        assert line.startswith("CPU kernels on"), line
+        assert kernels.enabled() and not kernels.enabled(mesh=object())
+
+
+def _rel_err(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return np.max(np.abs(a - b)) / np.max(np.abs(b))
+
+
+needs_kernels = pytest.mark.skipif(OFF, reason=f"{kernels.ENV}=0: the pure-JAX path is tested elsewhere")
+
+
+@needs_kernels
+@pytest.mark.parametrize("rows", [1, 5, 16])
+@pytest.mark.parametrize("nk", [False, True])
+@pytest.mark.parametrize("kind", ["float32", "bfloat16", "int8"])
+def test_linear_equals_the_pure_path(rng, rows, nk, kind):
+    k, n = 96, 160
+    x = jnp.asarray(rng.standard_normal((rows, k)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((n, k) if nk else (k, n)), jnp.float32)
+    if kind == "bfloat16":
+        w = w.astype(jnp.bfloat16)
+    elif kind == "int8":
+        w = quant.quantize_int8(w, (1,) if nk else (0,))
+    assert kernels.fits(rows, w)
+    ours = jax.jit(lambda x, w: kernels.linear(x, w, nk=nk))(x, w)
+    # The oracle: the weight as the pure path dequantizes it, float32 products, float64 sums.
+    wf = np.asarray(quant.dequantize(w, jnp.float32), np.float64)
+    ref = np.asarray(x, np.float64) @ (wf.T if nk else wf)
+    assert ours.dtype == jnp.float32 and ours.shape == (rows, n)
+    assert _rel_err(ours, ref) < KERNEL_RTOL
+
+
+@needs_kernels
+def test_linear_gradient_is_the_pure_paths(rng):
+    x = jnp.asarray(rng.standard_normal((3, 64)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((64, 32)), jnp.float32)
+
+    def loss(fn, x, w):
+        return jnp.sum(jnp.sin(fn(x, w)))
+    got = jax.grad(lambda x, w: loss(kernels.linear, x, w), argnums=(0, 1))(x, w)
+    want = jax.grad(lambda x, w: loss(jnp.matmul, x, w), argnums=(0, 1))(x, w)
+    for g, r in zip(got, want):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(r), atol=GRAD_TOL, rtol=GRAD_TOL)
+
+
+def _split_layer(rng, kind):
+    params = mj.init_params(KCONFIG, seed=1)["layers_0"]
+    params = jax.tree.map(lambda a: a * 10.0, params)  # routing decisions matter
+    layer = mj.model.split_layer(params)
+    if kind == "bfloat16":
+        layer = jax.tree.map(lambda a: a.astype(jnp.bfloat16), layer)
+    elif kind == "int8":
+        layer = quant.quantize_layer(layer)
+    return layer
+
+
+@needs_kernels
+@pytest.mark.parametrize("n_tokens", [1, 3, 16])
+@pytest.mark.parametrize("kind", ["float32", "bfloat16", "int8"])
+def test_moe_kernel_equals_sorted_and_the_oracle(rng, n_tokens, kind):
+    layer = _split_layer(rng, kind)
+    dtype = jnp.bfloat16 if kind == "bfloat16" else jnp.float32
+    x = jnp.asarray(rng.standard_normal((n_tokens, KCONFIG.d_model)), dtype)
+    valid = jnp.arange(n_tokens) != 1                       # a padding token takes no expert
+    assert moe_lib.kernel_fits(n_tokens, (layer["w_gate"], layer["w_up"], layer["w_down"]))
+    assert moe_lib.choose_strategy(n_tokens, 8, 2, split=True, kernel=True) == "kernel"
+    run = jax.jit(lambda x, s: moe_lib.moe(x, layer, top_k=2, valid=valid, strategy=s)[0], static_argnums=1)
+    ours = run(x, "kernel")
+    assert "mj_moe" in jax.jit(lambda x: moe_lib.moe(x, layer, top_k=2, strategy="auto")[0]).lower(x).as_text()
+    # bf16: the kernel widens to float32 and rounds once; the pure path rounds after every op.
+    tol = STRATEGY_ATOL if kind != "bfloat16" else 5e-2
+    if n_tokens > 1:
+        assert float(jnp.abs(ours[1]).max()) == 0.0 == float(jnp.abs(run(x, "sorted")[1]).max())
+    for strategy in ("sorted", "dense"):  # dense has no padding: compare the valid rows
+        ref = run(x, strategy).astype(jnp.float32)
+        assert _rel_err(ours[valid], ref[valid]) < max(tol, KERNEL_RTOL)
+
+
+@needs_kernels
+def test_moe_kernel_gradient_is_the_oracles(rng):
+    layer = _split_layer(rng, "float32")
+    x = jnp.asarray(rng.standard_normal((4, KCONFIG.d_model)), jnp.float32)
+
+    def loss(x, layer, strategy):
+        return jnp.sum(jnp.sin(moe_lib.moe(x, layer, top_k=2, strategy=strategy)[0]))
+    got = jax.grad(loss, argnums=(0, 1))(x, layer, "kernel")
+    want = jax.grad(loss, argnums=(0, 1))(x, layer, "dense")
+    for g, r in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(r), atol=GRAD_TOL, rtol=GRAD_TOL)
+
+
+@pytest.fixture(scope="module")
+def hf_pair(tmp_path_factory):
+    model = hf_model(KCONFIG)
+    path = tmp_path_factory.mktemp("hf_kernels")
+    model.save_pretrained(path)
+    return model, path
+
+
+def _decode_logits(path, tokens, quantize=None):
+    """Logits of each position fed one token at a time through the cache (the decode path)."""
+    model = mj.load(path, dtype="float32", quantize=quantize)
+    cache = mj.init_cache(model.config, tokens.shape[0], 64)
+    step = jax.jit(lambda p, t, c: mj.forward(model.config, p, t, cache=c))
+    out = []
+    for i in range(tokens.shape[1]):
+        logits, cache = step(model.params, tokens[:, i:i + 1], cache)
+        out.append(np.asarray(logits[:, 0]))
+    hlo = step.lower(model.params, tokens[:, :1], cache).as_text()
+    return np.stack(out, 1), hlo
+
+
+def test_decode_with_kernels_equals_hf(hf_pair, rng):
+    """Whole model, token by token (every matrix product of decode on the kernels): HF's logits."""
+    model, path = hf_pair
+    tokens = rng.integers(0, KCONFIG.vocab_size, (2, 7))
+    ours, hlo = _decode_logits(path, tokens)
+    assert ("mj_moe" in hlo and "mj_linear" in hlo) != OFF
+    np.testing.assert_allclose(ours, hf_logits(model, tokens), atol=LOGITS_ATOL, rtol=0)
+
+
+_CHILD = """
+import json, sys, numpy as np
+sys.path.insert(0, {tests!r})
+from test_kernels import _decode_logits
+tokens = np.array(json.loads(sys.argv[1]))
+for quantize in (None, "int8"):
+    logits, hlo = _decode_logits({path!r}, tokens, quantize)
+    print(json.dumps({{"logits": logits.tolist(), "custom_calls": "mj_" in hlo}}))
+"""
+
+
+def test_kernels_off_is_the_pure_path_and_agrees(hf_pair, rng):
+    """MIXTRAL_JAX_CPU_KERNELS=0 (a fresh process: the choice is made when a program is traced)
+    runs no custom call and gives the kernels' logits, float32 and int8."""
+    model, path = hf_pair
+    tokens = rng.integers(0, KCONFIG.vocab_size, (1, 5))
+    code = _CHILD.format(tests=os.path.dirname(__file__), path=str(path))
+    env = dict(os.environ, **{kernels.ENV: "0"})
+    run = subprocess.run([sys.executable, "-c", code, json.dumps(tokens.tolist())], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    children = [json.loads(line) for line in run.stdout.splitlines()]
+    for child, quantize in zip(children, (None, "int8")):
+        assert not child["custom_calls"]
+        ours, _ = _decode_logits(path, tokens, quantize)
+        np.testing.assert_allclose(ours, np.array(child["logits"]), atol=LOGITS_ATOL, rtol=0)
+
+
+@needs_kernels
+def test_read_probe_sums(rng):
+    x = jnp.asarray(rng.random(100_003), jnp.float32)
+    assert abs(float(kernels.read_probe(x)) - float(np.sum(np.asarray(x, np.float64)))) < 1e-2
