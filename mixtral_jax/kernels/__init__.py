@@ -4,13 +4,14 @@ Decode reads every weight once per step for a handful of activation rows, so it 
 of memory. XLA:CPU's dots reach that for float32 weights only; with bfloat16 or int8 weights they
 run at a small fraction of it (DESIGN.md §2), so on CPU the model's fewer bytes bought nothing. The
 C++ kernels in `cpu_kernels.cc` (built at install time against jaxlib's XLA FFI headers) widen
-bf16/int8 weights to float32 in registers and spread output rows over XLA's own thread pool:
+bf16/int8 weights to float32 in registers, prefetch weight rows ahead and spread output rows over a
+few spinning worker threads (one per core beyond the caller):
 
   - `linear`: x [M, K] @ w [K, N] (attention projections, lm_head), float32/bfloat16/int8 weights
     (int8: per-output-channel scales, as `mixtral_jax.quant` stores them);
   - `moe`: the whole MoE layer for a few tokens over the CPU layout's per-expert [out, in]
-    matrices, reading only the selected experts (one call per layer instead of a `lax.switch` per
-    token and slot).
+    matrices, reading only the selected experts (one call per layer instead of the `sorted`
+    strategy's per-expert loops).
 
 They run when all of these hold at trace time: the backend is CPU, no mesh, at most `MAX_ROWS`
 activation rows, every dimension a multiple of 16, weights float32/bfloat16/int8, the library built,
@@ -70,7 +71,9 @@ def status() -> str:
 
 @functools.cache
 def _announce(line: str) -> None:
-    logger.info(line)
+    # A build that failed is worth a warning (decode runs slower than it could); a choice is not.
+    unexpected = line.startswith("CPU kernels off") and f"{ENV}=0" not in line
+    logger.log(logging.WARNING if unexpected else logging.INFO, line)
 
 
 def enabled(mesh=None) -> bool:

@@ -4,7 +4,7 @@
 // memory bandwidth; XLA:CPU's dots reach it for float32 only and run bfloat16/int8 weights at a
 // small fraction of it (DESIGN.md §2). These kernels widen bf16/int8 weights to float32 in
 // registers (exactly: products are the pure-JAX path's `q * scale` dequantisation up to the
-// summation order) and spread output rows over XLA's own intra-op thread pool.
+// summation order) and spread output rows over a small pool of spinning workers (`SpinPool`).
 //
 // Two weight orientations, as the parameter layout has them:
 //   kn: w [K, N] (x @ w; attention projections, lm_head): each task owns a column tile and walks
@@ -16,6 +16,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <functional>
 #include <mutex>
@@ -25,6 +26,10 @@
 #include <memory>
 #include <thread>
 #include <vector>
+
+#if defined(__linux__)
+#include <sched.h>
+#endif
 
 #if defined(__x86_64__)
 #include <immintrin.h>
@@ -243,8 +248,7 @@ void NkRows(const float* x, int64_t m, int64_t k, const void* w, const float* s,
 // Workers that spin between the many short parallel loops of a decode step. Handing each loop to
 // XLA's intra-op pool woke a sleeping thread every time (six loops per layer); spinning workers,
 // as llama.cpp's, start within microseconds (int8 and bf16 decode ~10% faster, float32 unchanged:
-// it is bound by memory). A worker spins for a few hundred microseconds after a loop (longer than
-// the gaps between a step's loops), then sleeps, so it does not hold a core between steps.
+// it is bound by memory). A worker spins for `kSpin` after a loop, then sleeps.
 class SpinPool {
  public:
   static SpinPool& Get() {
@@ -282,7 +286,14 @@ class SpinPool {
     }
   };
 
-  SpinPool() : workers_(std::max<int64_t>(1, std::thread::hardware_concurrency()) - 1) {
+  static int64_t Cores() {
+#if defined(__linux__)
+    cpu_set_t set;
+    if (sched_getaffinity(0, sizeof(set), &set) == 0) return std::max(1, CPU_COUNT(&set));
+#endif
+    return std::max<int64_t>(1, std::thread::hardware_concurrency());
+  }
+  SpinPool() : workers_(Cores() - 1) {
     for (int64_t i = 0; i < workers_; ++i) std::thread([this] { Loop(); }).detach();
   }
   static void Pause() {
@@ -295,7 +306,10 @@ class SpinPool {
   void Loop() {
     uint64_t seen = 0;
     for (;;) {
-      for (int spins = 0; generation_.load(std::memory_order_acquire) == seen && spins < (1 << 12); ++spins) Pause();
+      const auto until = std::chrono::steady_clock::now() + kSpin;
+      for (int spins = 0; generation_.load(std::memory_order_acquire) == seen; ++spins)
+        if (spins % 64 == 0 && std::chrono::steady_clock::now() > until) break;
+        else Pause();
       std::shared_ptr<Job> job;
       {
         std::unique_lock<std::mutex> lock(mu_);
@@ -307,6 +321,9 @@ class SpinPool {
     }
   }
 
+  // Longer than the gaps between a decode step's loops (tens of microseconds), short enough
+  // not to take a core from XLA's own threads for long when the step goes on to a prompt chunk.
+  static constexpr std::chrono::microseconds kSpin{200};
   const int64_t workers_;
   std::mutex mu_;
   std::condition_variable cv_;
