@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from . import kernels
 from .config import MixtralConfig
 from .model import Model, init_params
 
@@ -84,8 +85,6 @@ def machine_probes() -> dict[str, float]:
     best = min(_time(lambda: total(a).block_until_ready()) for _ in range(5))
     bandwidth = a.nbytes / best
     probes = {"read_bandwidth_sum": bandwidth}
-    from . import kernels
-
     if kernels.enabled():
         read = jax.jit(kernels.read_probe)
         read(a).block_until_ready()
@@ -146,12 +145,20 @@ def bench_jax(model: Model, runs: int) -> dict[str, Any]:
         prompt = [rng.integers(3, v, n).tolist()]
         first, median = timed(lambda: generate(model, prompt, max_new_tokens=1, stop_tokens=[]), runs)
         out["prefill"][n] = {"tok_s": n / median, "seconds": median, "first_call_s": first}
+    out["decode"] = {b: {"tok_s": b / step, "step_s": step} for b, step in decode_steps(model, runs, rng).items()}
+    return out
+
+
+def decode_steps(model: Model, runs: int, rng) -> dict[int, float]:
+    """Seconds per `generate` decode step at each of DECODE_BATCHES (random 16-token prompts)."""
+    from .sampler import generate
+
+    out = {}
     for b in DECODE_BATCHES:
-        prompts = [rng.integers(3, v, 16).tolist() for _ in range(b)]
-        step = step_time(lambda: generate(model, prompts, max_new_tokens=1, stop_tokens=[]),
-                         lambda: generate(model, prompts, max_new_tokens=DECODE_TOKENS + 1, stop_tokens=[]),
-                         DECODE_TOKENS, runs)
-        out["decode"][b] = {"tok_s": b / step, "step_s": step}
+        prompts = [rng.integers(3, model.config.vocab_size, 16).tolist() for _ in range(b)]
+        out[b] = step_time(lambda: generate(model, prompts, max_new_tokens=1, stop_tokens=[]),
+                           lambda: generate(model, prompts, max_new_tokens=DECODE_TOKENS + 1, stop_tokens=[]),
+                           DECODE_TOKENS, runs)
     return out
 
 
@@ -162,25 +169,15 @@ def decode_child(ckpt: str, dtype: str, quantize: str | None, runs: int) -> None
     """Prints {batch: tok/s} of `generate`'s decode for one weight type, in this process's kernel
     setting (a child process: the kernel choice is made when a program is traced)."""
     from . import checkpoint
-    from .sampler import generate
 
     model = checkpoint.load(ckpt, dtype=dtype, quantize=quantize)
-    rng = np.random.default_rng(0)
-    out = {}
-    for b in DECODE_BATCHES:
-        prompts = [rng.integers(3, model.config.vocab_size, 16).tolist() for _ in range(b)]
-        step = step_time(lambda: generate(model, prompts, max_new_tokens=1, stop_tokens=[]),
-                         lambda: generate(model, prompts, max_new_tokens=DECODE_TOKENS + 1, stop_tokens=[]),
-                         DECODE_TOKENS, runs)
-        out[b] = b / step
-    print(json.dumps(out))
+    steps = decode_steps(model, runs, np.random.default_rng(0))
+    print(json.dumps({b: b / step for b, step in steps.items()}))
 
 
 def bench_decode_paths(ckpt: str, runs: int) -> dict[str, Any]:
     """Decode tok/s of float32, bfloat16 and int8 weights with the CPU kernels on and off, each in
     its own process: {"float32/on": {batch: tok/s}, ...}."""
-    from . import kernels
-
     out: dict[str, Any] = {}
     settings = ("on", "off") if kernels.enabled() else ("off",)
     for dtype, quantize in DECODE_PATHS:
@@ -453,12 +450,6 @@ def _derive(report: dict[str, Any], config: MixtralConfig) -> None:
             hf["bandwidth_fraction"] = active_step_bytes(config, b) / hf["step_s"] / probes["read_bandwidth"]
 
 
-def kernels_status() -> str:
-    from . import kernels
-
-    return kernels.status()
-
-
 def format_report(report: dict[str, Any]) -> str:
     p = report["probes"]
     lines = [f"config {report['config']}, float32, {report['machine']['cpus']} cpus, jax {report['machine']['jax']}",
@@ -488,7 +479,7 @@ def format_report(report: dict[str, Any]) -> str:
     paths = report.get("decode_paths", {})
     if paths:
         f32 = paths.get("float32/on", paths.get("float32/off"))
-        lines += ["", f"decode by weight type ({kernels_status()}):"]
+        lines += ["", f"decode by weight type ({kernels.status()}):"]
         for name, r in paths.items():
             lines.append(f"  {name:>14}: batch 1 {r[1]:6.1f} tok/s ({r[1] / f32[1]:.2f}x float32), "
                          f"batch 8 {r[8]:6.1f} tok/s ({r[8] / f32[8]:.2f}x)")

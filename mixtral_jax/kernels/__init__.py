@@ -117,15 +117,15 @@ def _split_weight(w):
     return w, jnp.zeros((1,), jnp.float32)
 
 
-def _library():
+def _require_library() -> None:
+    """Load the library (registering its targets) or say why it cannot run."""
     lib, why = _load()
     if lib is None:
         raise RuntimeError(f"mixtral_jax CPU kernels unavailable: {why}")
-    return lib
 
 
 def _linear_kernel(x, w, *, nk: bool):
-    _library()
+    _require_library()
     data, scale = _split_weight(w)
     n = data.shape[0] if nk else data.shape[1]
     call = jax.ffi.ffi_call("mj_linear", jax.ShapeDtypeStruct((x.shape[0], n), jnp.float32),
@@ -146,7 +146,7 @@ def linear(x: jax.Array, w, *, nk: bool = False) -> jax.Array:
 
 
 def _moe_kernel(x, experts, gates, weights):
-    _library()
+    _require_library()
     n_experts = len(weights[0])
     operands = [_split_weight(w)[0] for group in weights for w in group]
     if is_quantized(weights[0][0]):
@@ -171,6 +171,6 @@ def moe(x: jax.Array, experts: jax.Array, gates: jax.Array, weights, pure: Calla
 
 def read_probe(x: jax.Array) -> jax.Array:
     """Sum of a float32 array by the kernels' multi-threaded streaming read (the bandwidth probe)."""
-    _library()
+    _require_library()
     call = jax.ffi.ffi_call("mj_read_probe", jax.ShapeDtypeStruct((1,), jnp.float32))
     return call(x.reshape(-1))[0]

@@ -107,7 +107,7 @@ constexpr int64_t kMaxRows = 16;
         y[m * n_dim + n0 + j] = acc[m * nt + j] * (scale ? scale[n0 + j] : 1.f);                   \
   }                                                                                                \
                                                                                                    \
-  /* y[m * ldy + n] = sum_k x[m, k] w[n, k] (* scale[n]) for n in [n0, n1), 4 rows at a time. */   \
+  /* y[m * ldy + r] = sum_k x[m, k] w[n + r, k] (* scale[n + r]) for r < 4. */                    \
   template <WType T, int MB>                                                                       \
   void nk_block(const float* x, int64_t k_dim, const void* w, const float* scale, int64_t n,      \
                 float* y, int64_t ldy) {                                                           \
@@ -123,20 +123,22 @@ constexpr int64_t kMaxRows = 16;
     }                                                                                              \
     for (int m = 0; m < MB; ++m)                                                                   \
       for (int r = 0; r < 4; ++r)                                                                  \
-        y[m * ldy + n + r] = hsum(acc[m][r]) * (scale ? scale[n + r] : 1.f);                       \
+        y[m * ldy + r] = hsum(acc[m][r]) * (scale ? scale[n + r] : 1.f);                           \
   }                                                                                                \
                                                                                                    \
+  /* y[m * ldy + (n - n0)] = sum_k x[m, k] w[n, k] (* scale[n]) for n in [n0, n1). */              \
   template <WType T>                                                                               \
   void nk_rows(const float* x, int64_t m_rows, int64_t k_dim, const void* w, const float* scale,  \
                int64_t n0, int64_t n1, float* y, int64_t ldy) {                                    \
     for (int64_t n = n0; n < n1; n += 4) {                                                         \
+      float* yn = y + (n - n0);                                                                    \
       int64_t m = 0;                                                                               \
       for (; m + 4 <= m_rows; m += 4)                                                              \
-        nk_block<T, 4>(x + m * k_dim, k_dim, w, scale, n, y + m * ldy, ldy);                       \
+        nk_block<T, 4>(x + m * k_dim, k_dim, w, scale, n, yn + m * ldy, ldy);                      \
       switch (m_rows - m) {                                                                        \
-        case 3: nk_block<T, 3>(x + m * k_dim, k_dim, w, scale, n, y + m * ldy, ldy); break;        \
-        case 2: nk_block<T, 2>(x + m * k_dim, k_dim, w, scale, n, y + m * ldy, ldy); break;        \
-        case 1: nk_block<T, 1>(x + m * k_dim, k_dim, w, scale, n, y + m * ldy, ldy); break;        \
+        case 3: nk_block<T, 3>(x + m * k_dim, k_dim, w, scale, n, yn + m * ldy, ldy); break;       \
+        case 2: nk_block<T, 2>(x + m * k_dim, k_dim, w, scale, n, yn + m * ldy, ldy); break;       \
+        case 1: nk_block<T, 1>(x + m * k_dim, k_dim, w, scale, n, yn + m * ldy, ldy); break;       \
         default: break;                                                                            \
       }                                                                                            \
     }                                                                                              \
@@ -377,7 +379,7 @@ ffi::Error LinearImpl(ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w,
     if (nk) {
       const int64_t rows = 64, tasks = (n + rows - 1) / rows;
       ParallelFor(tasks, [&](int64_t i) {
-        NkRows<T>(xp, m, k, wp, s, i * rows, std::min(n, (i + 1) * rows), yp, n);
+        NkRows<T>(xp, m, k, wp, s, i * rows, std::min(n, (i + 1) * rows), yp + i * rows, n);
       });
     } else {
       const int64_t tile = KnTileWidth(m, n, SpinPool::Get().workers() + 1), tasks = (n + tile - 1) / tile;
@@ -402,12 +404,18 @@ ffi::Error MoeImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> experts,
   const bool quantized = static_cast<int64_t>(rest.size()) == 6 * n_experts;
   if (static_cast<int64_t>(rest.size()) != (quantized ? 6 : 3) * n_experts)
     return ffi::Error::InvalidArgument("mj_moe: expected 3 or 6 weight operands per expert");
-  auto arg = [&](int64_t i) { return rest.get<ffi::AnyBuffer>(i).value(); };
-  const ffi::AnyBuffer w0 = arg(0);
+  // Weight and scale pointers, decoded once: [0, E) gate, [E, 2E) up, [2E, 3E) down.
+  const ffi::AnyBuffer w0 = rest.get<ffi::AnyBuffer>(0).value();
   const int64_t f = w0.dimensions()[0];
   if (d % 16 || f % 16 || !SupportedWeight(w0.element_type()) || w0.dimensions()[1] != d)
     return ffi::Error::InvalidArgument("mj_moe: unsupported shapes or weight type");
   const WType t = WeightType(w0.element_type());
+  std::vector<const void*> wp(3 * n_experts);
+  std::vector<const float*> sp(3 * n_experts, nullptr);
+  for (int64_t i = 0; i < 3 * n_experts; ++i) {
+    wp[i] = rest.get<ffi::AnyBuffer>(i).value().untyped_data();
+    if (quantized) sp[i] = rest.get<ffi::AnyBuffer>(3 * n_experts + i).value().typed_data<float>();
+  }
 
   // Assignments grouped by expert; each active expert gets its rows gathered once.
   const int32_t* ex = experts.typed_data();
@@ -425,8 +433,6 @@ ffi::Error MoeImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> experts,
     for (size_t r = 0; r < rows[e].size(); ++r)
       std::memcpy(&xs[e][r * d], x.typed_data() + (rows[e][r] / top) * d, sizeof(float) * d);
   }
-  const float* no_scale = nullptr;
-  auto scale_of = [&](int64_t i) { return quantized ? arg(3 * n_experts + i).typed_data<float>() : no_scale; };
   float* yp = y->typed_data();
   std::memset(yp, 0, sizeof(float) * t_dim * d);
   constexpr int64_t kRows = 64;
@@ -441,9 +447,8 @@ ffi::Error MoeImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> experts,
       float gate_out[kMaxRows * kRows], up_out[kMaxRows * kRows];
       for (int64_t r0 = 0; r0 < r; r0 += kMaxRows) {
         const int64_t rb = std::min<int64_t>(kMaxRows, r - r0);
-        NkRows<T>(&xs[e][r0 * d], rb, d, arg(e).untyped_data(), scale_of(e), f0, f1, gate_out - f0, kRows);
-        NkRows<T>(&xs[e][r0 * d], rb, d, arg(n_experts + e).untyped_data(), scale_of(n_experts + e), f0, f1,
-                  up_out - f0, kRows);
+        NkRows<T>(&xs[e][r0 * d], rb, d, wp[e], sp[e], f0, f1, gate_out, kRows);
+        NkRows<T>(&xs[e][r0 * d], rb, d, wp[n_experts + e], sp[n_experts + e], f0, f1, up_out, kRows);
         for (int64_t q = 0; q < rb; ++q)
           for (int64_t j = f0; j < f1; ++j)
             hs[e][(r0 + q) * f + j] = Silu(gate_out[q * kRows + j - f0]) * up_out[q * kRows + j - f0];
@@ -458,8 +463,7 @@ ffi::Error MoeImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> experts,
         const int64_t r = rows[e].size();
         for (int64_t r0 = 0; r0 < r; r0 += kMaxRows) {
           const int64_t rb = std::min<int64_t>(kMaxRows, r - r0);
-          NkRows<T>(&hs[e][r0 * f], rb, f, arg(2 * n_experts + e).untyped_data(), scale_of(2 * n_experts + e),
-                    d0, d1, out - d0, kRows);
+          NkRows<T>(&hs[e][r0 * f], rb, f, wp[2 * n_experts + e], sp[2 * n_experts + e], d0, d1, out, kRows);
           for (int64_t q = 0; q < rb; ++q) {
             const int64_t a = rows[e][r0 + q];
             float* yt = yp + (a / top) * d;
