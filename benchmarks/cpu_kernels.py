@@ -1,0 +1,116 @@
+"""CPU decode kernels beside XLA, and where a float32 decode step's time goes (BENCHMARKS.md,
+"CPU decode kernels").
+
+    python benchmarks/cpu_kernels.py
+
+1. Matrix-vector products over ~1 GB of weights (so nothing is served from L3): XLA's float32 dot
+   vs the kernels' [in, out] loop with float32, int8 and bfloat16 weights, 1 and 8 rows.
+2. On a random `small` model: a `generate` decode step, the decoder + lm_head + argmax alone (16
+   steps in one jitted loop), the kernels alone on the same weights, and the step's bytes at the
+   best read probe. Everything in one process, side by side.
+"""
+
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mixtral_jax import bench, checkpoint, kernels, quant
+from mixtral_jax.config import MixtralConfig
+from mixtral_jax.kvcache import init_cache
+from mixtral_jax.model import decoder, init_params, lm_head
+from mixtral_jax.moe import Routing, moe_kernel
+from mixtral_jax.sampler import generate
+
+STEPS = 16
+
+
+def best(fn, *args, n=5):
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(3):
+        start = time.perf_counter()
+        for _ in range(n):
+            out = fn(*args)
+        jax.block_until_ready(out)
+        times.append((time.perf_counter() - start) / n)
+    return min(times)
+
+
+def gemv():
+    rng = np.random.default_rng(0)
+    k, n, reps = 1024, 32000, 8
+    ws = [jnp.asarray(rng.standard_normal((k, n)), jnp.float32) for _ in range(reps)]
+    nbytes = k * n * 4 * reps
+    for rows in (1, 8):
+        x = jnp.asarray(rng.standard_normal((rows, k)), jnp.float32)
+        xla = jax.jit(lambda x, ws: sum(x @ w for w in ws))
+        ker = jax.jit(lambda x, ws: sum(kernels.linear(x, w) for w in ws))
+        t_xla, t_f32 = best(xla, x, ws), best(ker, x, ws)
+        t_i8 = best(ker, x, [quant.quantize_int8(w, (0,)) for w in ws])
+        t_bf16 = best(ker, x, [w.astype(jnp.bfloat16) for w in ws])
+        print(f"{rows} rows, 1 GB float32 [in, out]: XLA f32 {nbytes / t_xla / 1e9:.1f} GB/s, kernel f32 "
+              f"{nbytes / t_f32 / 1e9:.1f} GB/s; speed vs XLA f32: int8 {t_xla / t_i8:.2f}x, bf16 {t_xla / t_bf16:.2f}x")
+
+
+def decode_breakdown():
+    config = MixtralConfig.small()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = f"{tmp}/ckpt"
+        checkpoint.save(path, config, init_params(config, seed=0))
+        model = checkpoint.load(path)
+    c, p = model.config, model.params
+
+    def loop_decode(p, cache, tok):
+        def body(i, state):
+            cache, tok = state
+            h, cache, _, _ = decoder(c, p, tok[:, None], None, cache)
+            return cache, jnp.argmax(lm_head(p, h[:, 0]), -1).astype(jnp.int32)
+        return jax.lax.fori_loop(0, STEPS, body, (cache, tok))
+
+    def loop_kernels(p, x):
+        def body(i, x):
+            for li in range(c.n_layers):
+                layer = p[f"layers_{li}"]
+                q = kernels.linear(x, kernels.flatten(layer["wq"], 1))
+                k = kernels.linear(x, kernels.flatten(layer["wk"], 1))
+                v = kernels.linear(x, kernels.flatten(layer["wv"], 1))
+                o = kernels.linear(q, kernels.flatten(layer["wo"], 2))
+                e = (jnp.abs(o[0, :2] * 1000).astype(jnp.int32) + i) % c.n_experts  # varying experts
+                experts = jnp.stack([e[0], (e[0] + 1 + e[1] % 7) % 8])[None].astype(jnp.int32)
+                routing = Routing(jnp.zeros((1, c.n_experts)), jnp.array([[0.5, 0.5]]), experts)
+                y = moe_kernel(x + o + k.sum() + v.sum(), routing, jnp.ones((1,), bool),
+                               (layer["w_gate"], layer["w_up"], layer["w_down"]))
+                x = x + 1e-3 * y
+            return x + 1e-6 * kernels.linear(x, p["lm_head"])[:, :c.d_model]
+        return jax.lax.fori_loop(0, STEPS, body, x)
+
+    def per_step(fn, make_args):
+        jax.block_until_ready(fn(*make_args()))
+        times = []
+        for _ in range(4):
+            args = make_args()
+            start = time.perf_counter()
+            jax.block_until_ready(fn(*args))
+            times.append(time.perf_counter() - start)
+        return min(times) / STEPS
+
+    t_loop = per_step(jax.jit(loop_decode, donate_argnums=1),
+                      lambda: (p, dict(init_cache(c, 1, 64), lengths=jnp.array([5], jnp.int32)),
+                               jnp.array([7], jnp.int32)))
+    t_kernels = per_step(jax.jit(loop_kernels), lambda: (p, jnp.ones((1, c.d_model)) * 0.01))
+    prompts = [[5] * 16]
+    t_gen = bench.step_time(lambda: generate(model, prompts, max_new_tokens=1, stop_tokens=[]),
+                            lambda: generate(model, prompts, max_new_tokens=STEPS + 1, stop_tokens=[]), STEPS, 3)
+    probe = bench.machine_probes()["read_bandwidth"]
+    nbytes = bench.active_step_bytes(c, 1)
+    print(f"small, batch 1 ({kernels.status()}): generate step {t_gen * 1e3:.1f} ms | decoder + lm_head + argmax "
+          f"{t_loop * 1e3:.1f} ms | kernels alone {t_kernels * 1e3:.1f} ms | {nbytes / 1e6:.0f} MB at the best "
+          f"probe ({probe / 1e9:.1f} GB/s) {nbytes / probe * 1e3:.1f} ms")
+
+
+if __name__ == "__main__":
+    gemv()
+    decode_breakdown()
