@@ -15,9 +15,12 @@ Host side, one thread owns every JAX call: each iteration it drops cancelled req
 waiting requests into free slots (first come, first served), dispatches one step (with a chunk of
 the request with the fewest prompt tokens left: running streams keep flowing while a long prompt
 is read, and a short prompt does not wait for it), and hands the previous step's tokens to their
-requests (so the device computes while the host works): the request detokenizes it in the context
-of its prompt, looks for stop strings and calls its `on_event` callback (from the engine thread:
-an asyncio server bridges with `loop.call_soon_threadsafe`).
+requests (so the device computes while the host works). Steps with a prompt chunk are the
+exception: one starts on an idle device and is waited for before the next is dispatched, so a
+prompt arriving while it runs joins the very next step rather than queueing behind another long
+step already dispatched (its worst wait is one chunk step, not two). Each request detokenizes
+its token in the context of its prompt, looks for stop strings and calls its `on_event` callback
+(from the engine thread: an asyncio server bridges with `loop.call_soon_threadsafe`).
 
 Sampling matches `mixtral_jax.generate` row for row: the same penalties and filters, and a row's
 random stream is its seed folded with its own token count, so a request's tokens do not depend on
@@ -142,7 +145,10 @@ def _step(config, params, slots: Slots, stop, chunk: Chunk | None = None, *, att
                                                        mesh=mesh)
     logits = lm_head(params, hidden[0][:, 0], mesh)                                   # [N, V]
     keys = jax.vmap(lambda s, n: jax.random.fold_in(jax.random.key(s), n))(slots.seeds, slots.n_new)
-    token = sample(apply_penalties(logits, slots.params, slots.counts, slots.in_prompt), slots.params, keys)
+    # Idle slots keep their last request's settings; counted as greedy, a sampled request that has
+    # left does not make every later step sort the vocabulary (`sample` skips it when all are greedy).
+    p = slots.params.replace(temperature=jnp.where(live, slots.params.temperature, 0.0))
+    token = sample(apply_penalties(logits, p, slots.counts, slots.in_prompt), p, keys)
     lp, top_ids, top_lp, routing = _emit(logits, token, router_logits[0][:, :, 0], config.top_k)
     n_new = slots.n_new + live
     done = live & (jnp.isin(token, stop) | (n_new >= slots.max_new))
@@ -542,15 +548,29 @@ class Engine:
                 for slot, req in list(self._running.items()):
                     if req.id in cancelled:
                         self._end(slot, "cancelled", release=True)
+                if pending is not None and self._prefilling():
+                    # A step with a prompt chunk starts on an idle device and is waited for (below):
+                    # a prompt arriving while a chunk step runs then joins the very next step
+                    # instead of queueing behind one more long step already dispatched. The device
+                    # waits for the host's few milliseconds, under 1% of a chunk step.
+                    self._deliver(pending)
+                    pending = None
+                    continue
                 step = self._dispatch()
                 if pending is not None:
                     self._deliver(pending)
                 pending = step
+                if step is not None and step[2] is not None:
+                    self._deliver(step)
+                    pending = None
             except Exception as e:  # noqa: BLE001 - every running request learns of it; the engine goes on
                 log.exception("engine step failed")
                 pending = None
                 for slot in list(self._running):
                     self._end(slot, "error", f"{type(e).__name__}: {e}", release=True)
+
+    def _prefilling(self) -> bool:
+        return any(r.prefilled < len(r.prompt) for r in self._running.values())
 
     def _dispatch(self):
         """Start a step (JAX dispatches asynchronously): every decoding slot, plus at most one prompt
@@ -559,8 +579,8 @@ class Engine:
         whole long prompt, and running streams get a token every step. Returns what `_deliver`
         takes, or None when there is nothing to do.
 
-        The step's tokens are read only after the next step has been dispatched, so the device never
-        waits for the host's detokenizing. A request the host ends meanwhile (a stop string, a
+        A decode-only step's tokens are read only after the next step has been dispatched, so the
+        device does not wait for the host's detokenizing (`_loop` waits for steps with a chunk). A request the host ends meanwhile (a stop string, a
         cancel) may get one more token computed, which is dropped: its request has finished."""
         decoding = {s: r for s, r in self._running.items() if r.prefilled == len(r.prompt)}
         todo = [r for r in self._running.values() if r.prefilled < len(r.prompt)]
