@@ -89,7 +89,7 @@ def machine_probes() -> dict[str, float]:
         read = jax.jit(kernels.read_probe)
         read(a).block_until_ready()
         probes["read_bandwidth_threads"] = a.nbytes / min(_time(lambda: read(a).block_until_ready()) for _ in range(5))
-    del a
+    a = None  # the 1 GiB buffer goes before the matmul probe
     x = jnp.ones((2048, 2048), jnp.float32)
     mm = jax.jit(jnp.matmul)
     mm(x, x).block_until_ready()
@@ -162,7 +162,8 @@ def decode_steps(model: Model, runs: int, rng) -> dict[int, float]:
     return out
 
 
-DECODE_PATHS = (("float32", None), ("bfloat16", None), ("float32", "int8"))
+# Weight type -> how `checkpoint.load` makes it (dtype, quantize).
+DECODE_PATHS = {"float32": ("float32", None), "bfloat16": ("bfloat16", None), "int8": ("float32", "int8")}
 
 
 def decode_child(ckpt: str, dtype: str, quantize: str | None, runs: int) -> None:
@@ -175,12 +176,12 @@ def decode_child(ckpt: str, dtype: str, quantize: str | None, runs: int) -> None
     print(json.dumps({b: b / step for b, step in steps.items()}))
 
 
-def bench_decode_paths(ckpt: str, runs: int) -> dict[str, Any]:
-    """Decode tok/s of float32, bfloat16 and int8 weights with the CPU kernels on and off, each in
-    its own process: {"float32/on": {batch: tok/s}, ...}."""
+def bench_decode_paths(ckpt: str, runs: int, weight_types=tuple(DECODE_PATHS)) -> dict[str, Any]:
+    """Decode tok/s of each weight type (keys of DECODE_PATHS) with the CPU kernels on and off, each
+    in its own process: {"float32/on": {batch: tok/s}, ...}."""
     out: dict[str, Any] = {}
     settings = ("on", "off") if kernels.enabled() else ("off",)
-    for dtype, quantize in DECODE_PATHS:
+    for dtype, quantize in (DECODE_PATHS[w] for w in weight_types):
         for setting in settings:
             env = dict(os.environ, **{kernels.ENV: "1" if setting == "on" else "0"})
             cmd = [sys.executable, "-m", "mixtral_jax.bench", "--decode-child", ckpt, dtype, quantize or "none",
@@ -382,9 +383,13 @@ def format_long(report: dict[str, Any]) -> str:
 
 
 def run(config_name: str = "small", runs: int = 5, with_hf: bool = True, seed: int = 0,
-        llama_bench: str | None = None) -> dict[str, Any]:
+        llama_bench: str | None = None, weight_types=tuple(DECODE_PATHS)) -> dict[str, Any]:
     """The whole benchmark; returns the report as a dict (see `format_report`). `llama_bench`: the
-    path of llama.cpp's llama-bench, run on GGUF exports of the same weights."""
+    path of llama.cpp's llama-bench, run on GGUF exports of the same weights. `weight_types`: those
+    of DECODE_PATHS decoded with the kernels on and off."""
+    unknown = sorted(set(weight_types) - set(DECODE_PATHS))
+    if unknown or not weight_types:
+        raise ValueError(f"weight types must be some of {', '.join(DECODE_PATHS)}; got {', '.join(weight_types)}")
     if with_hf:
         _require_hf()
     config = MixtralConfig.preset(config_name)
@@ -399,7 +404,7 @@ def run(config_name: str = "small", runs: int = 5, with_hf: bool = True, seed: i
         model = checkpoint.load(ckpt, dtype="float32")
         report["jax"] = bench_jax(model, runs)
         del model
-        report["decode_paths"] = bench_decode_paths(ckpt, runs)
+        report["decode_paths"] = bench_decode_paths(ckpt, runs, weight_types)
         report["peak_rss_over_weights"] = measure_rss(ckpt) / (4 * _n_params(config))
         if with_hf:
             report["hf"] = bench_hf(hf_folder, config, runs)
@@ -470,7 +475,7 @@ def format_report(report: dict[str, Any]) -> str:
     s = report["jax"]["compile_sweep"]
     lines += ["", "(prefill: fraction of matmul peak; decode: fraction of read bandwidth)",
               f"compile: {s['programs']} programs, {s['seconds']:.1f} s over prompt lengths {s['prompt_lengths']}",
-              f"first prefill call (compile included): " + ", ".join(
+              "first prefill call (compile included): " + ", ".join(
                   f"{n}: {r['first_call_s']:.1f} s" for n, r in report["jax"]["prefill"].items()),
               f"peak RSS during generation: {report['peak_rss_over_weights']:.2f}x the weight bytes"]
     lines += ["", "read-bandwidth yardstick (best of): " + ", ".join(
@@ -481,8 +486,8 @@ def format_report(report: dict[str, Any]) -> str:
         f32 = paths.get("float32/on", paths.get("float32/off"))
         lines += ["", f"decode by weight type ({kernels.status()}):"]
         for name, r in paths.items():
-            lines.append(f"  {name:>14}: batch 1 {r[1]:6.1f} tok/s ({r[1] / f32[1]:.2f}x float32), "
-                         f"batch 8 {r[8]:6.1f} tok/s ({r[8] / f32[8]:.2f}x)")
+            vs = (f" ({r[1] / f32[1]:.2f}x float32)", f" ({r[8] / f32[8]:.2f}x)") if f32 else ("", "")
+            lines.append(f"  {name:>14}: batch 1 {r[1]:6.1f} tok/s{vs[0]}, batch 8 {r[8]:6.1f} tok/s{vs[1]}")
         if "llama_cpp" in report:
             for ours, theirs in (("float32/on", "f32"), ("int8/on", "q8_0"), ("bfloat16/on", "f16")):
                 if ours in paths:

@@ -155,3 +155,5 @@ def test_bench_llama_bench_flag_checks_its_inputs(tmp_path, capsys):
     binary.write_text("")
     assert main(["bench", "--no-hf", "--config", "tiny", "--llama-bench", str(binary)]) == 2
     assert "--llama-bench needs a config with Mixtral's vocabulary" in capsys.readouterr().err
+    assert main(["bench", "--no-hf", "--config", "tiny", "--weight-types", "float32,fp8"]) == 2
+    assert "--weight-types: fp8; choose from float32, bfloat16, int8" in capsys.readouterr().err

@@ -1,7 +1,6 @@
 """Long context at the model level: chunked prefill, HF parity over thousands of tokens, memory, compiles."""
 
 import json
-import os
 import subprocess
 import sys
 

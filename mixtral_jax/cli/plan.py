@@ -110,7 +110,13 @@ def cmd_bench(args) -> int:
     llama_bench = args.llama_bench or os.environ.get("LLAMA_BENCH")
     if llama_bench and not os.path.isfile(llama_bench):
         raise UsageError(f"--llama-bench {llama_bench}: no such file")
-    report = bench.run(args.config, runs=args.runs, with_hf=not args.no_hf, llama_bench=llama_bench)
+    weight_types = tuple(w.strip() for w in args.weight_types.split(",") if w.strip())
+    unknown = [w for w in weight_types if w not in bench.DECODE_PATHS]
+    if unknown or not weight_types:
+        raise UsageError(f"--weight-types: {', '.join(unknown) or 'none given'}; choose from "
+                         f"{', '.join(bench.DECODE_PATHS)}")
+    report = bench.run(args.config, runs=args.runs, with_hf=not args.no_hf, llama_bench=llama_bench,
+                       weight_types=weight_types)
     print(json.dumps(report, indent=2) if args.json else bench.format_report(report))
     return 0
 
@@ -148,5 +154,8 @@ def add_parsers(sub) -> None:
     bench.add_argument("--llama-bench", metavar="PATH",
                        help="also run llama.cpp's llama-bench (default: $LLAMA_BENCH) on GGUF exports (f32, f16, "
                             "q8_0) of the same weights")
+    bench.add_argument("--weight-types", default="float32,bfloat16,int8", metavar="LIST",
+                       help="weight types decoded with the CPU kernels on and off, each in its own process "
+                            "(default float32,bfloat16,int8)")
     bench.add_argument("--json", action="store_true")
     bench.set_defaults(func=cmd_bench)
