@@ -94,6 +94,18 @@ def apply_penalties(logits: jax.Array, p: SamplingParams, counts: jax.Array, in_
             - p.presence_penalty[:, None] * generated.astype(jnp.float32))
 
 
+def sort_floats(x: jax.Array) -> jax.Array:
+    """float32 rows sorted ascending along the last axis: `jnp.sort`'s values (only the order of
+    -0.0 and 0.0, equal values, may differ: -0.0 comes first).
+
+    Sorted as int32 keys in the same order (a float's bits with the magnitude bits flipped when it
+    is negative): XLA:CPU sorts [8, 32000] int32 in ~13 ms and float32 in ~56 ms.
+    """
+    flip = lambda i: i ^ ((i >> 31) & 0x7FFFFFFF)  # noqa: E731 - its own inverse
+    keys = flip(jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.int32))
+    return jax.lax.bitcast_convert_type(flip(jnp.sort(keys, axis=-1)), jnp.float32)
+
+
 def filter_logits(logits: jax.Array, p: SamplingParams) -> jax.Array:
     """Temperature, top-k, top-p, min-p (HF's order and tie rules); removed tokens get -inf.
 
@@ -108,8 +120,7 @@ def filter_logits(logits: jax.Array, p: SamplingParams) -> jax.Array:
     x = logits / temp
 
     def truncate(x):
-        # One sort of the vocabulary serves both filters (XLA:CPU sorts [8, 32000] in ~30 ms).
-        asc = jnp.sort(x, axis=-1)                                         # [B, V]
+        asc = sort_floats(x)                                               # [B, V], one sort for both filters
         k = jnp.clip(p.top_k, 1, x.shape[-1])
         kth = jnp.take_along_axis(asc, (x.shape[-1] - k)[:, None], axis=-1)  # ties at the k-th stay
         by_k = p.top_k[:, None] > 0

@@ -88,6 +88,16 @@ def test_filters_match_numpy_reference(rng, temperature, top_k, top_p, min_p):
     assert (got > np.finfo(np.float32).min).sum() < got.size or (top_k, top_p, min_p) == (0, 1.0, 0.0)
 
 
+def test_sort_floats_equals_numpy_sort(rng):
+    special = np.array([0.0, -0.0, np.inf, -np.inf, np.finfo(np.float32).min, np.finfo(np.float32).max,
+                        np.finfo(np.float32).tiny, -np.finfo(np.float32).tiny, 1e-45, -1e-45, 1.0, 1.0, -1.0],
+                       np.float32)
+    x = np.concatenate([(rng.standard_normal((3, 500)) * 10).astype(np.float32), np.tile(special, (3, 1))], axis=1)
+    got = np.asarray(sampler.sort_floats(jnp.asarray(x)))
+    np.testing.assert_array_equal(got, np.sort(x, axis=-1))
+    assert np.signbit(got[0][got[0] == 0]).tolist() == [True, False]          # -0.0 first
+
+
 def test_filters_per_row_settings_match_numpy_reference(rng):
     """Rows with different filters in one batch (one sort serves top-k and top-p for every row)."""
     settings = [(1.0, 5, 1.0, 0.0), (0.8, 0, 0.7, 0.0), (1.2, 0, 1.0, 0.0), (1.0, 40, 0.6, 0.05), (0.0, 0, 1.0, 0.0)]
