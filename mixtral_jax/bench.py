@@ -387,9 +387,9 @@ def run(config_name: str = "small", runs: int = 5, with_hf: bool = True, seed: i
     """The whole benchmark; returns the report as a dict (see `format_report`). `llama_bench`: the
     path of llama.cpp's llama-bench, run on GGUF exports of the same weights. `weight_types`: those
     of DECODE_PATHS decoded with the kernels on and off."""
-    unknown = sorted(set(weight_types) - set(DECODE_PATHS))
+    unknown = [w for w in weight_types if w not in DECODE_PATHS]
     if unknown or not weight_types:
-        raise ValueError(f"weight types must be some of {', '.join(DECODE_PATHS)}; got {', '.join(weight_types)}")
+        raise ValueError(f"--weight-types: {', '.join(unknown) or 'none given'}; choose from {', '.join(DECODE_PATHS)}")
     if with_hf:
         _require_hf()
     config = MixtralConfig.preset(config_name)

@@ -548,7 +548,7 @@ class Engine:
                 for slot, req in list(self._running.items()):
                     if req.id in cancelled:
                         self._end(slot, "cancelled", release=True)
-                if pending is not None and self._prefilling():
+                if pending is not None and self._reading():
                     # A step with a prompt chunk starts on an idle device and is waited for (below):
                     # a prompt arriving while a chunk step runs then joins the very next step
                     # instead of queueing behind one more long step already dispatched. The device
@@ -560,7 +560,7 @@ class Engine:
                 if pending is not None:
                     self._deliver(pending)
                 pending = step
-                if step is not None and step[2] is not None:
+                if step is not None and step[2] is not None:  # it read a prompt chunk (its `first`)
                     self._deliver(step)
                     pending = None
             except Exception as e:  # noqa: BLE001 - every running request learns of it; the engine goes on
@@ -569,8 +569,9 @@ class Engine:
                 for slot in list(self._running):
                     self._end(slot, "error", f"{type(e).__name__}: {e}", release=True)
 
-    def _prefilling(self) -> bool:
-        return any(r.prefilled < len(r.prompt) for r in self._running.values())
+    def _reading(self) -> list[Request]:
+        """The running requests whose prompt is not all in the cache yet."""
+        return [r for r in self._running.values() if r.prefilled < len(r.prompt)]
 
     def _dispatch(self):
         """Start a step (JAX dispatches asynchronously): every decoding slot, plus at most one prompt
@@ -580,10 +581,11 @@ class Engine:
         takes, or None when there is nothing to do.
 
         A decode-only step's tokens are read only after the next step has been dispatched, so the
-        device does not wait for the host's detokenizing (`_loop` waits for steps with a chunk). A request the host ends meanwhile (a stop string, a
-        cancel) may get one more token computed, which is dropped: its request has finished."""
+        device does not wait for the host's detokenizing (`_loop` waits for steps with a chunk). A
+        request the host ends meanwhile (a stop string, a cancel) may get one more token computed,
+        which is dropped: its request has finished."""
         decoding = {s: r for s, r in self._running.items() if r.prefilled == len(r.prompt)}
-        todo = [r for r in self._running.values() if r.prefilled < len(r.prompt)]
+        todo = self._reading()
         if not todo:
             return (decoding, *self._call("decode"), None) if decoding else None
         req = min(todo, key=lambda r: (len(r.prompt) - r.prefilled, r.id))
