@@ -1,0 +1,93 @@
+"""Where a served load's time goes: the `Engine` driven in process (threads, no HTTP) with
+serve_load.py's requests, each step timed by kind (with or without a prompt chunk) and by how many
+slots it decoded, then the same requests through static `generate` batches (BENCHMARKS.md,
+"Serving"). A profiling script: it wraps the engine's private `_deliver` to time each step.
+
+    python benchmarks/serve_profile.py [--concurrency 32] [--prefill-chunk 256] [--no-static]
+"""
+
+import argparse
+import collections
+import os
+import sys
+import tempfile
+import threading
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(__file__))
+from serve_load import draw_requests, static_batches  # noqa: E402
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--prefill-chunk", type=int, default=256)
+    parser.add_argument("--requests", type=int, default=32)
+    parser.add_argument("--no-static", action="store_true")
+    args = parser.parse_args()
+
+    import mixtral_jax as mj
+    from mixtral_jax.checkpoint import save
+    from mixtral_jax.serving.engine import Engine, Options
+
+    config = mj.MixtralConfig.preset("small")
+    with tempfile.TemporaryDirectory() as tmp:
+        save(f"{tmp}/small", config, mj.init_params(config, seed=0), tokenizer=mj.Tokenizer().path)
+        model = mj.load(f"{tmp}/small")
+    requests = draw_requests(args.requests, 0, config.vocab_size, (16, 512), (16, 128))
+    engine = Engine(model, slots=8, prefill_chunk=args.prefill_chunk, stop_tokens=[])
+    engine.start()
+
+    steps, last = [], [None]
+    deliver = engine._deliver
+
+    def timed_deliver(step):
+        deliver(step)
+        now = time.perf_counter()
+        decoding, _, first, _ = step
+        if last[0] is not None:
+            steps.append(("chunk" if first is not None else "decode", len(decoding), now - last[0]))
+        last[0] = now
+
+    engine._deliver = timed_deliver
+    idle = [engine.generate(r["prompt"], Options(max_new_tokens=2), timeout=300)
+            for r in requests if len(r["prompt"]) <= 64][:5]
+    idle_ttft = float(np.median([r.first_token_at - r.submitted for r in idle]))
+    steps.clear()
+    last[0] = None
+
+    gate, finished = threading.Semaphore(args.concurrency), []
+
+    def one(r):
+        with gate:
+            finished.append(engine.generate(r["prompt"], Options(max_new_tokens=r["max_tokens"]), timeout=900))
+
+    start = time.perf_counter()
+    threads = [threading.Thread(target=one, args=(r,)) for r in requests]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=1800)
+    wall = time.perf_counter() - start
+    engine.shutdown()
+
+    short = [r.first_token_at - r.submitted for r in finished if len(r.prompt) <= 64]
+    print(f"served, concurrency {args.concurrency}, --prefill-chunk {args.prefill_chunk}: {len(finished)} requests in "
+          f"{wall:.1f} s ({len(finished) / wall:.3f} req/s); short-prompt TTFT p99 {np.percentile(short, 99) * 1e3:.0f} ms "
+          f"vs {idle_ttft * 1e3:.0f} ms idle")
+    by_kind = collections.defaultdict(lambda: [0, 0.0])
+    for kind, n_decoding, seconds in steps:
+        by_kind[(kind, n_decoding)][0] += 1
+        by_kind[(kind, n_decoding)][1] += seconds
+    for (kind, n_decoding), (count, seconds) in sorted(by_kind.items()):
+        print(f"  {kind:>6} steps with {n_decoding} slots decoding: {count:4d}, {seconds:5.1f} s, "
+              f"{seconds / count * 1e3:4.0f} ms each")
+    if not args.no_static:
+        static = static_batches(model, requests, 8)
+        print(f"static batches of 8: {static['wall_s']:.1f} s; served / static {static['wall_s'] / wall:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
