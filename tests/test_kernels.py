@@ -46,8 +46,8 @@ needs_kernels = pytest.mark.skipif(OFF, reason=f"{kernels.ENV}=0: the pure-JAX p
 @pytest.mark.parametrize("rows", [1, 5, 16])
 @pytest.mark.parametrize("nk", [False, True])
 @pytest.mark.parametrize("kind", ["float32", "bfloat16", "int8"])
-def test_linear_equals_the_pure_path(rng, rows, nk, kind):
-    k, n = 96, 160
+@pytest.mark.parametrize("k, n", [(96, 160), (256, 4112)])  # the second: several row blocks and column blocks
+def test_linear_equals_the_pure_path(rng, rows, nk, kind, k, n):
     x = jnp.asarray(rng.standard_normal((rows, k)), jnp.float32)
     w = jnp.asarray(rng.standard_normal((n, k) if nk else (k, n)), jnp.float32)
     if kind == "bfloat16":

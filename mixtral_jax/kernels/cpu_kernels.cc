@@ -8,7 +8,8 @@
 //
 // Two weight orientations, as the parameter layout has them:
 //   kn: w [K, N] (x @ w; attention projections, lm_head): each task owns a column tile and walks
-//       down the rows four at a time, accumulating in L1.
+//       down the rows four at a time, accumulating in L1; for one activation row, each task owns
+//       a block of whole rows instead and the tasks' partial sums are added after.
 //   nk: w [N, K] (the CPU layout's per-expert matrices): each task owns output rows and takes dot
 //       products along contiguous weight rows.
 // The body is compiled once per instruction set (AVX-512, AVX2+FMA, generic) and chosen at run
@@ -107,6 +108,31 @@ constexpr int64_t kMaxRows = 16;
         y[m * n_dim + n0 + j] = acc[m * nt + j] * (scale ? scale[n0 + j] : 1.f);                   \
   }                                                                                                \
                                                                                                    \
+  /* acc[m, n] = sum_{k in [k0, k1)} x[m, k] w[k, n] for every n: whole weight rows, four at a time, \
+     so each task streams one contiguous block of w. */                                            \
+  template <WType T>                                                                               \
+  void kn_rows(const float* x, int64_t m_rows, int64_t k_dim, const void* w, int64_t n_dim,       \
+               int64_t k0, int64_t k1, float* acc) {                                               \
+    std::memset(acc, 0, sizeof(float) * m_rows * n_dim);                                           \
+    for (int64_t k = k0; k < k1; k += 4) {                                                         \
+      const int64_t r0 = k * n_dim;                                                                \
+      for (int64_t j = 0; j < n_dim; j += 16) {                                                    \
+        if (((j * kBytes<T>) & 63) == 0)                                                           \
+          for (int r = 0; r < 4; ++r)                                                              \
+            __builtin_prefetch(static_cast<const char*>(w) + (r0 + (kAhead + r) * n_dim + j) * kBytes<T>, 0, 3); \
+        const f32x16 w0 = load16<T>(w, r0 + j), w1 = load16<T>(w, r0 + n_dim + j);                 \
+        const f32x16 w2 = load16<T>(w, r0 + 2 * n_dim + j), w3 = load16<T>(w, r0 + 3 * n_dim + j); \
+        for (int64_t m = 0; m < m_rows; ++m) {                                                     \
+          const float* xm = x + m * k_dim + k;                                                     \
+          float* a = acc + m * n_dim + j;                                                          \
+          f32x16 s = loadf(a);                                                                     \
+          s += xm[0] * w0 + xm[1] * w1 + xm[2] * w2 + xm[3] * w3;                                  \
+          std::memcpy(a, &s, 64);                                                                  \
+        }                                                                                          \
+      }                                                                                            \
+    }                                                                                              \
+  }                                                                                                \
+                                                                                                   \
   /* y[m * ldy + r] = sum_k x[m, k] w[n + r, k] (* scale[n + r]) for r < 4. */                    \
   template <WType T, int MB>                                                                       \
   void nk_block(const float* x, int64_t k_dim, const void* w, const float* scale, int64_t n,      \
@@ -145,6 +171,12 @@ constexpr int64_t kMaxRows = 16;
   }
 
 constexpr int64_t kTile = 512;
+// Activation rows up to which [in, out] products split the weight rows over tasks (`kn_rows`),
+// and tasks per thread there. One row (batch-1 decode): a [1024, 1024] projection read at
+// 20 GB/s in column tiles (a few hundred bytes of each 4 KB row, then a jump) and 25-28 GB/s in
+// row blocks; at 4 and 8 rows the partials' traffic made row blocks the slower (13-17 GB/s).
+constexpr int64_t kKnSplitRows = 1;
+constexpr int64_t kKnSplitTasks = 2;
 
 // kn column tile for `rows` activation rows: 4 KB of each float32 weight row while the
 // accumulators fit L1 (1024 beat 512 up to 4 rows), narrower until every thread gets about four
@@ -235,6 +267,15 @@ void KnTile(const float* x, int64_t m, int64_t k, const void* w, int64_t n, cons
   if (kIsa == Isa::kAvx2) return avx2::kn_tile<T>(x, m, k, w, n, s, n0, nt, y);
 #endif
   generic::kn_tile<T>(x, m, k, w, n, s, n0, nt, y);
+}
+
+template <WType T>
+void KnRows(const float* x, int64_t m, int64_t k, const void* w, int64_t n, int64_t k0, int64_t k1, float* acc) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  if (kIsa == Isa::kAvx512) return avx512::kn_rows<T>(x, m, k, w, n, k0, k1, acc);
+  if (kIsa == Isa::kAvx2) return avx2::kn_rows<T>(x, m, k, w, n, k0, k1, acc);
+#endif
+  generic::kn_rows<T>(x, m, k, w, n, k0, k1, acc);
 }
 
 template <WType T>
@@ -380,6 +421,28 @@ ffi::Error LinearImpl(ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w,
       const int64_t rows = 64, tasks = (n + rows - 1) / rows;
       ParallelFor(tasks, [&](int64_t i) {
         NkRows<T>(xp, m, k, wp, s, i * rows, std::min(n, (i + 1) * rows), yp + i * rows, n);
+      });
+    } else if (m <= kKnSplitRows) {
+      // Tasks over blocks of weight rows, each summing its block into its own partial [m, n];
+      // the partials are added after, over column blocks.
+      const int64_t threads = SpinPool::Get().workers() + 1;
+      const int64_t per = std::max<int64_t>(16, (k / (kKnSplitTasks * threads) + 15) / 16 * 16);
+      const int64_t tasks = (k + per - 1) / per;
+      thread_local std::vector<float> partial;
+      if (static_cast<int64_t>(partial.size()) < tasks * m * n) partial.resize(tasks * m * n);
+      float* pp = partial.data();
+      ParallelFor(tasks, [&](int64_t i) {
+        KnRows<T>(xp, m, k, wp, n, i * per, std::min(k, (i + 1) * per), pp + i * m * n);
+      });
+      const int64_t cols = 4096, blocks = (n + cols - 1) / cols;
+      ParallelFor(blocks, [&](int64_t b) {
+        const int64_t j0 = b * cols, j1 = std::min(n, j0 + cols);
+        for (int64_t r = 0; r < m; ++r)
+          for (int64_t j = j0; j < j1; ++j) {
+            float sum = 0.f;
+            for (int64_t i = 0; i < tasks; ++i) sum += pp[(i * m + r) * n + j];
+            yp[r * n + j] = sum * (s ? s[j] : 1.f);
+          }
       });
     } else {
       const int64_t tile = KnTileWidth(m, n, SpinPool::Get().workers() + 1), tasks = (n + tile - 1) / tile;
