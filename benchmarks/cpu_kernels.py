@@ -3,13 +3,16 @@
 
     python benchmarks/cpu_kernels.py
 
-1. Matrix-vector products over ~1 GB of weights (so nothing is served from L3): XLA's float32 dot
-   vs the kernels' [in, out] loop with float32, int8 and bfloat16 weights, 1 and 8 rows.
+1. Matrix-vector products over ~1 GB of weights (so nothing is served from L3), lm_head- and
+   attention-shaped: XLA's float32 dot vs the kernels' [in, out] loop with float32, int8 and
+   bfloat16 weights, 1 and 8 rows.
 2. On a random `small` model: a `generate` decode step, the decoder + lm_head + argmax alone (16
    steps in one jitted loop), the kernels alone on the same weights, and the step's bytes at the
-   best read probe. Everything in one process, side by side.
+   best read probe; then the kernels by part (attention projections, MoE, lm_head, all).
+   Everything in one process, side by side.
 """
 
+import functools
 import tempfile
 import time
 
@@ -41,18 +44,21 @@ def best(fn, *args, n=5):
 
 def gemv():
     rng = np.random.default_rng(0)
-    k, n, reps = 1024, 32000, 8
-    ws = [jnp.asarray(rng.standard_normal((k, n)), jnp.float32) for _ in range(reps)]
-    nbytes = k * n * 4 * reps
-    for rows in (1, 8):
-        x = jnp.asarray(rng.standard_normal((rows, k)), jnp.float32)
-        xla = jax.jit(lambda x, ws: sum(x @ w for w in ws))
-        ker = jax.jit(lambda x, ws: sum(kernels.linear(x, w) for w in ws))
-        t_xla, t_f32 = best(xla, x, ws), best(ker, x, ws)
-        t_i8 = best(ker, x, [quant.quantize_int8(w, (0,)) for w in ws])
-        t_bf16 = best(ker, x, [w.astype(jnp.bfloat16) for w in ws])
-        print(f"{rows} rows, 1 GB float32 [in, out]: XLA f32 {nbytes / t_xla / 1e9:.1f} GB/s, kernel f32 "
-              f"{nbytes / t_f32 / 1e9:.1f} GB/s; speed vs XLA f32: int8 {t_xla / t_i8:.2f}x, bf16 {t_xla / t_bf16:.2f}x")
+    # lm_head-shaped and attention-projection-shaped [in, out] weights, 1 GB of each.
+    for k, n, reps in ((1024, 32000, 8), (1024, 1024, 256)):
+        ws = [jnp.asarray(rng.standard_normal((k, n)), jnp.float32) for _ in range(reps)]
+        nbytes = k * n * 4 * reps
+        for rows in (1, 8):
+            x = jnp.asarray(rng.standard_normal((rows, k)), jnp.float32)
+            xla = jax.jit(lambda x, ws: sum(x @ w for w in ws))
+            ker = jax.jit(lambda x, ws: sum(kernels.linear(x, w) for w in ws))
+            t_xla, t_f32 = best(xla, x, ws), best(ker, x, ws)
+            t_i8 = best(ker, x, [quant.quantize_int8(w, (0,)) for w in ws])
+            t_bf16 = best(ker, x, [w.astype(jnp.bfloat16) for w in ws])
+            print(f"{rows} rows, {reps} x [{k}, {n}] float32 [in, out]: XLA f32 {nbytes / t_xla / 1e9:.1f} GB/s, "
+                  f"kernel f32 {nbytes / t_f32 / 1e9:.1f} GB/s; speed vs XLA f32: int8 {t_xla / t_i8:.2f}x, "
+                  f"bf16 {t_xla / t_bf16:.2f}x")
+        del ws
 
 
 def decode_breakdown():
@@ -109,6 +115,43 @@ def decode_breakdown():
     print(f"small, batch 1 ({kernels.status()}): generate step {t_gen * 1e3:.1f} ms | decoder + lm_head + argmax "
           f"{t_loop * 1e3:.1f} ms | kernels alone {t_kernels * 1e3:.1f} ms | {nbytes / 1e6:.0f} MB at the best "
           f"probe ({probe / 1e9:.1f} GB/s) {nbytes / probe * 1e3:.1f} ms")
+    decode_parts(c, p)
+
+
+def decode_parts(c, p):
+    """The kernels of a batch-1 step by part: the attention projections of every layer, the MoE
+    layers (two experts each), lm_head, and all of them in step order. Alone, the attention
+    projections and lm_head (~215 MB) can be served from a large L3; in a step, the MoE's stream
+    evicts them."""
+    def loop(p, x, parts):
+        def body(i, x):
+            for li in range(c.n_layers):
+                layer = p[f"layers_{li}"]
+                if "attention" in parts:
+                    q = kernels.linear(x, kernels.flatten(layer["wq"], 1))
+                    k = kernels.linear(x, kernels.flatten(layer["wk"], 1))
+                    v = kernels.linear(x, kernels.flatten(layer["wv"], 1))
+                    x = x + 1e-3 * kernels.linear(q, kernels.flatten(layer["wo"], 2)) + 1e-3 * (k.sum() + v.sum())
+                if "moe" in parts:
+                    e = (jnp.abs(x[0, :2] * 1000).astype(jnp.int32) + i) % c.n_experts  # varying experts
+                    experts = jnp.stack([e[0], (e[0] + 1 + e[1] % 7) % 8])[None].astype(jnp.int32)
+                    routing = Routing(jnp.zeros((1, c.n_experts)), jnp.array([[0.5, 0.5]]), experts)
+                    x = x + 1e-3 * moe_kernel(x, routing, jnp.ones((1,), bool),
+                                              (layer["w_gate"], layer["w_up"], layer["w_down"]))
+            if "lm_head" in parts:
+                x = x + 1e-6 * kernels.linear(x, p["lm_head"])[:, :c.d_model]
+            return x
+        return jax.lax.fori_loop(0, STEPS, body, x)
+
+    layers = [p[f"layers_{i}"] for i in range(c.n_layers)]
+    nbytes = {"attention": sum(l[w].size * 4 for l in layers for w in ("wq", "wk", "wv", "wo")),
+              "moe": sum(2 * l[w][0].size * 4 for l in layers for w in ("w_gate", "w_up", "w_down")),
+              "lm_head": p["lm_head"].size * 4}
+    x = jnp.ones((1, c.d_model)) * 0.01
+    for parts in (("attention",), ("moe",), ("lm_head",), ("attention", "moe", "lm_head")):
+        t = best(jax.jit(functools.partial(loop, parts=parts)), p, x, n=2) / STEPS
+        b = sum(nbytes[part] for part in parts)
+        print(f"  kernels, {' + '.join(parts)}: {t * 1e3:.2f} ms per step, {b / 1e6:.0f} MB, {b / t / 1e9:.1f} GB/s")
 
 
 if __name__ == "__main__":
