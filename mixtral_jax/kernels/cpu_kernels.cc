@@ -80,57 +80,49 @@ constexpr int64_t kMaxRows = 16;
     return s;                                                                                      \
   }                                                                                                \
                                                                                                    \
-  /* y[m, n] = sum_k x[m, k] w[k, n] (* scale[n]) for n in [n0, n0 + nt); m_rows * nt <= kMaxRows * kTile. */          \
+  /* acc[m * lda + j] += sum_{k in [k0, k1)} x[m, k] w[k, n0 + j] for j < nt, weight rows four at a */\
+  /* time (shared by column tiles and row blocks). */                                              \
   template <WType T>                                                                               \
-  void kn_tile(const float* x, int64_t m_rows, int64_t k_dim, const void* w, int64_t n_dim,       \
-               const float* scale, int64_t n0, int64_t nt, float* y) {                             \
-    alignas(64) float acc[kMaxRows * kTile];                                                       \
-    std::memset(acc, 0, sizeof(float) * m_rows * nt);                                              \
-    for (int64_t k = 0; k < k_dim; k += 4) {                                                       \
+  void kn_accumulate(const float* x, int64_t m_rows, int64_t k_dim, const void* w, int64_t n_dim,  \
+                     int64_t k0, int64_t k1, int64_t n0, int64_t nt, float* acc, int64_t lda) {    \
+    for (int64_t k = k0; k < k1; k += 4) {                                                         \
       const int64_t r0 = k * n_dim + n0;                                                           \
       for (int64_t j = 0; j < nt; j += 16) {                                                       \
         if (((j * kBytes<T>) & 63) == 0)                                                           \
           for (int r = 0; r < 4; ++r)                                                              \
-            __builtin_prefetch(static_cast<const char*>(w) + (r0 + (kAhead + r) * n_dim + j) * kBytes<T>, 0, 3); \
+            __builtin_prefetch(static_cast<const char*>(w) + (r0 + (kAhead + r) * n_dim + j) * kBytes<T>, 0, 3);\
         const f32x16 w0 = load16<T>(w, r0 + j), w1 = load16<T>(w, r0 + n_dim + j);                 \
         const f32x16 w2 = load16<T>(w, r0 + 2 * n_dim + j), w3 = load16<T>(w, r0 + 3 * n_dim + j); \
         for (int64_t m = 0; m < m_rows; ++m) {                                                     \
           const float* xm = x + m * k_dim + k;                                                     \
-          float* a = acc + m * nt + j;                                                             \
+          float* a = acc + m * lda + j;                                                            \
           f32x16 s = loadf(a);                                                                     \
           s += xm[0] * w0 + xm[1] * w1 + xm[2] * w2 + xm[3] * w3;                                  \
           std::memcpy(a, &s, 64);                                                                  \
         }                                                                                          \
       }                                                                                            \
     }                                                                                              \
+  }                                                                                                \
+                                                                                                   \
+  /* y[m, n] = sum_k x[m, k] w[k, n] (* scale[n]) for n in [n0, n0 + nt); m_rows * nt <= kMaxRows * kTile. */\
+  template <WType T>                                                                               \
+  void kn_tile(const float* x, int64_t m_rows, int64_t k_dim, const void* w, int64_t n_dim,        \
+               const float* scale, int64_t n0, int64_t nt, float* y) {                             \
+    alignas(64) float acc[kMaxRows * kTile];                                                       \
+    std::memset(acc, 0, sizeof(float) * m_rows * nt);                                              \
+    kn_accumulate<T>(x, m_rows, k_dim, w, n_dim, 0, k_dim, n0, nt, acc, nt);                       \
     for (int64_t m = 0; m < m_rows; ++m)                                                           \
       for (int64_t j = 0; j < nt; ++j)                                                             \
         y[m * n_dim + n0 + j] = acc[m * nt + j] * (scale ? scale[n0 + j] : 1.f);                   \
   }                                                                                                \
                                                                                                    \
-  /* acc[m, n] = sum_{k in [k0, k1)} x[m, k] w[k, n] for every n: whole weight rows, four at a time, \
-     so each task streams one contiguous block of w. */                                            \
+  /* acc[m, n] = sum_{k in [k0, k1)} x[m, k] w[k, n] for every n: whole weight rows, so each task */\
+  /* streams one contiguous block of w. */                                                         \
   template <WType T>                                                                               \
-  void kn_rows(const float* x, int64_t m_rows, int64_t k_dim, const void* w, int64_t n_dim,       \
+  void kn_rows(const float* x, int64_t m_rows, int64_t k_dim, const void* w, int64_t n_dim,        \
                int64_t k0, int64_t k1, float* acc) {                                               \
     std::memset(acc, 0, sizeof(float) * m_rows * n_dim);                                           \
-    for (int64_t k = k0; k < k1; k += 4) {                                                         \
-      const int64_t r0 = k * n_dim;                                                                \
-      for (int64_t j = 0; j < n_dim; j += 16) {                                                    \
-        if (((j * kBytes<T>) & 63) == 0)                                                           \
-          for (int r = 0; r < 4; ++r)                                                              \
-            __builtin_prefetch(static_cast<const char*>(w) + (r0 + (kAhead + r) * n_dim + j) * kBytes<T>, 0, 3); \
-        const f32x16 w0 = load16<T>(w, r0 + j), w1 = load16<T>(w, r0 + n_dim + j);                 \
-        const f32x16 w2 = load16<T>(w, r0 + 2 * n_dim + j), w3 = load16<T>(w, r0 + 3 * n_dim + j); \
-        for (int64_t m = 0; m < m_rows; ++m) {                                                     \
-          const float* xm = x + m * k_dim + k;                                                     \
-          float* a = acc + m * n_dim + j;                                                          \
-          f32x16 s = loadf(a);                                                                     \
-          s += xm[0] * w0 + xm[1] * w1 + xm[2] * w2 + xm[3] * w3;                                  \
-          std::memcpy(a, &s, 64);                                                                  \
-        }                                                                                          \
-      }                                                                                            \
-    }                                                                                              \
+    kn_accumulate<T>(x, m_rows, k_dim, w, n_dim, k0, k1, 0, n_dim, acc, n_dim);                    \
   }                                                                                                \
                                                                                                    \
   /* y[m * ldy + r] = sum_k x[m, k] w[n + r, k] (* scale[n + r]) for r < 4. */                    \
