@@ -28,6 +28,7 @@ from mixtral_jax.moe import Routing, moe_kernel
 from mixtral_jax.sampler import generate
 
 STEPS = 16
+PARTS = ("attention", "moe", "lm_head")
 
 
 def best(fn, *args, n=5):
@@ -76,23 +77,6 @@ def decode_breakdown():
             return cache, jnp.argmax(lm_head(p, h[:, 0]), -1).astype(jnp.int32)
         return jax.lax.fori_loop(0, STEPS, body, (cache, tok))
 
-    def loop_kernels(p, x):
-        def body(i, x):
-            for li in range(c.n_layers):
-                layer = p[f"layers_{li}"]
-                q = kernels.linear(x, kernels.flatten(layer["wq"], 1))
-                k = kernels.linear(x, kernels.flatten(layer["wk"], 1))
-                v = kernels.linear(x, kernels.flatten(layer["wv"], 1))
-                o = kernels.linear(q, kernels.flatten(layer["wo"], 2))
-                e = (jnp.abs(o[0, :2] * 1000).astype(jnp.int32) + i) % c.n_experts  # varying experts
-                experts = jnp.stack([e[0], (e[0] + 1 + e[1] % 7) % 8])[None].astype(jnp.int32)
-                routing = Routing(jnp.zeros((1, c.n_experts)), jnp.array([[0.5, 0.5]]), experts)
-                y = moe_kernel(x + o + k.sum() + v.sum(), routing, jnp.ones((1,), bool),
-                               (layer["w_gate"], layer["w_up"], layer["w_down"]))
-                x = x + 1e-3 * y
-            return x + 1e-6 * kernels.linear(x, p["lm_head"])[:, :c.d_model]
-        return jax.lax.fori_loop(0, STEPS, body, x)
-
     def per_step(fn, make_args):
         jax.block_until_ready(fn(*make_args()))
         times = []
@@ -106,7 +90,8 @@ def decode_breakdown():
     t_loop = per_step(jax.jit(loop_decode, donate_argnums=1),
                       lambda: (p, dict(init_cache(c, 1, 64), lengths=jnp.array([5], jnp.int32)),
                                jnp.array([7], jnp.int32)))
-    t_kernels = per_step(jax.jit(loop_kernels), lambda: (p, jnp.ones((1, c.d_model)) * 0.01))
+    t_kernels = per_step(jax.jit(functools.partial(kernel_steps, c, parts=PARTS)),
+                         lambda: (p, jnp.ones((1, c.d_model)) * 0.01))
     prompts = [[5] * 16]
     t_gen = bench.step_time(lambda: generate(model, prompts, max_new_tokens=1, stop_tokens=[]),
                             lambda: generate(model, prompts, max_new_tokens=STEPS + 1, stop_tokens=[]), STEPS, 3)
@@ -115,41 +100,46 @@ def decode_breakdown():
     print(f"small, batch 1 ({kernels.status()}): generate step {t_gen * 1e3:.1f} ms | decoder + lm_head + argmax "
           f"{t_loop * 1e3:.1f} ms | kernels alone {t_kernels * 1e3:.1f} ms | {nbytes / 1e6:.0f} MB at the best "
           f"probe ({probe / 1e9:.1f} GB/s) {nbytes / probe * 1e3:.1f} ms")
-    decode_parts(c, p)
+    decode_parts(c, p, t_kernels)
 
 
-def decode_parts(c, p):
-    """The kernels of a batch-1 step by part: the attention projections of every layer, the MoE
-    layers (two experts each), lm_head, and all of them in step order. Alone, the attention
-    projections and lm_head (~215 MB) can be served from a large L3; in a step, the MoE's stream
-    evicts them."""
-    def loop(p, x, parts):
-        def body(i, x):
-            for li in range(c.n_layers):
-                layer = p[f"layers_{li}"]
-                if "attention" in parts:
-                    q = kernels.linear(x, kernels.flatten(layer["wq"], 1))
-                    k = kernels.linear(x, kernels.flatten(layer["wk"], 1))
-                    v = kernels.linear(x, kernels.flatten(layer["wv"], 1))
-                    x = x + 1e-3 * kernels.linear(q, kernels.flatten(layer["wo"], 2)) + 1e-3 * (k.sum() + v.sum())
-                if "moe" in parts:
-                    e = (jnp.abs(x[0, :2] * 1000).astype(jnp.int32) + i) % c.n_experts  # varying experts
-                    experts = jnp.stack([e[0], (e[0] + 1 + e[1] % 7) % 8])[None].astype(jnp.int32)
-                    routing = Routing(jnp.zeros((1, c.n_experts)), jnp.array([[0.5, 0.5]]), experts)
-                    x = x + 1e-3 * moe_kernel(x, routing, jnp.ones((1,), bool),
-                                              (layer["w_gate"], layer["w_up"], layer["w_down"]))
-            if "lm_head" in parts:
-                x = x + 1e-6 * kernels.linear(x, p["lm_head"])[:, :c.d_model]
-            return x
-        return jax.lax.fori_loop(0, STEPS, body, x)
+def kernel_steps(c, p, x, *, parts):
+    """STEPS batch-1 steps of the decode kernels alone, in step order, on `parts` of PARTS (the
+    experts vary from step to step)."""
+    def body(i, x):
+        for li in range(c.n_layers):
+            layer = p[f"layers_{li}"]
+            if "attention" in parts:
+                q = kernels.linear(x, kernels.flatten(layer["wq"], 1))
+                k = kernels.linear(x, kernels.flatten(layer["wk"], 1))
+                v = kernels.linear(x, kernels.flatten(layer["wv"], 1))
+                x = x + 1e-3 * kernels.linear(q, kernels.flatten(layer["wo"], 2)) + 1e-3 * (k.sum() + v.sum())
+            if "moe" in parts:
+                e = (jnp.abs(x[0, :2] * 1000).astype(jnp.int32) + i) % c.n_experts  # varying experts
+                experts = jnp.stack([e[0], (e[0] + 1 + e[1] % 7) % 8])[None].astype(jnp.int32)
+                routing = Routing(jnp.zeros((1, c.n_experts)), jnp.array([[0.5, 0.5]]), experts)
+                x = x + 1e-3 * moe_kernel(x, routing, jnp.ones((1,), bool),
+                                          (layer["w_gate"], layer["w_up"], layer["w_down"]))
+        if "lm_head" in parts:
+            x = x + 1e-6 * kernels.linear(x, p["lm_head"])[:, :c.d_model]
+        return x
+    return jax.lax.fori_loop(0, STEPS, body, x)
 
+
+def decode_parts(c, p, t_all):
+    """The kernels of a batch-1 step by part (attention projections of every layer, the MoE layers
+    with two experts each, lm_head) beside all of them in step order (`t_all`, per step). Alone,
+    the attention projections and lm_head (~215 MB) can be served from a large L3; in a step, the
+    MoE's stream evicts them."""
     layers = [p[f"layers_{i}"] for i in range(c.n_layers)]
     nbytes = {"attention": sum(l[w].size * 4 for l in layers for w in ("wq", "wk", "wv", "wo")),
               "moe": sum(2 * l[w][0].size * 4 for l in layers for w in ("w_gate", "w_up", "w_down")),
               "lm_head": p["lm_head"].size * 4}
     x = jnp.ones((1, c.d_model)) * 0.01
-    for parts in (("attention",), ("moe",), ("lm_head",), ("attention", "moe", "lm_head")):
-        t = best(jax.jit(functools.partial(loop, parts=parts)), p, x, n=2) / STEPS
+    times = {(part,): best(jax.jit(functools.partial(kernel_steps, c, parts=(part,))), p, x, n=2) / STEPS
+             for part in PARTS}
+    times[PARTS] = t_all
+    for parts, t in times.items():
         b = sum(nbytes[part] for part in parts)
         print(f"  kernels, {' + '.join(parts)}: {t * 1e3:.2f} ms per step, {b / 1e6:.0f} MB, {b / t / 1e9:.1f} GB/s")
 
