@@ -177,16 +177,31 @@ def restore_item(folder: str, config: MixtralConfig, item: str, dtype, sharding=
         s = None if sharding is None else sharding(ParamSpec(shape, axes))
         return jax.ShapeDtypeStruct(shape, dt, sharding=s)
 
-    abstract = {}
+    import orbax.checkpoint as ocp
+
+    def restore_args(a):
+        if a.sharding is None:
+            return ocp.RestoreArgs(restore_type=np.ndarray, dtype=a.dtype)
+        return ocp.ArrayRestoreArgs(sharding=a.sharding, dtype=a.dtype, global_shape=a.shape)
+
+    # Leaf by leaf: a restore stages what it reads on the host before placing it, so restoring a
+    # whole layer at once held a second copy of the layer; leaf by leaf, with the staging returned
+    # to the OS after each, the peak of a sharded restore holds about one leaf extra.
+    ckpt = ocp.PyTreeCheckpointer()
+    leaves = {}
     for leaf, spec in item_specs(config, item).items():
         if quantized and leaf in CONTRACTED:
             kept = {a % len(spec.shape) for a in CONTRACTED[leaf]}
             scale = tuple(1 if a in kept else n for a, n in enumerate(spec.shape))
-            abstract[leaf] = {"q": target(spec.shape, spec.axes, np.int8),
-                              "scale": target(scale, spec.axes, np.float32)}
+            abstract = {"q": target(spec.shape, spec.axes, np.int8), "scale": target(scale, spec.axes, np.float32)}
         else:
-            abstract[leaf] = target(spec.shape, spec.axes, dtype)
-    return _checkpointer().restore(os.path.join(os.path.abspath(folder), "params", item), abstract)
+            abstract = target(spec.shape, spec.axes, dtype)
+        tree = {leaf: abstract}
+        leaves.update(ckpt.restore(os.path.join(os.path.abspath(folder), "params", item),
+                                   args=ocp.args.PyTreeRestore(item=tree, restore_args=jax.tree.map(restore_args, tree),
+                                                               partial_restore=True)))
+        release_freed_memory()
+    return leaves
 
 
 def release_freed_memory() -> None:
