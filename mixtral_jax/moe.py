@@ -21,9 +21,10 @@ exactly (no dropped tokens unless a capacity factor is asked for):
   the demo model's layer, forward and backward). Gathering weights per block suits small experts
   only: at Mixtral's size the copies would cost more than the matmuls.
 - `kernel`: the whole layer as one CPU custom call (`mixtral_jax.kernels`) for up to
-  `kernels.MAX_ROWS` tokens with split weights: only the selected experts are read, float32, bfloat16
-  or int8 weights widened in registers. What `auto` picks for decode on CPU when the kernels are
-  built; otherwise (and for `kernel` asked for where it cannot run) `sorted` runs.
+  `kernels.MOE_MAX_ROWS` tokens with split weights: only the selected experts are read, float32,
+  bfloat16 or int8 weights widened in registers. What `auto` picks on CPU when the kernels are
+  built, for decode and prompt chunks; otherwise (and for `kernel` asked for where it cannot run)
+  `sorted` runs.
 
 Expert weights come stacked ([E, D, F] arrays, the canonical layout) or split, the CPU layout `load`
 returns: a tuple of E per-expert matrices per weight, each in [out, in] orientation (w_gate and w_up
@@ -210,7 +211,8 @@ def moe_sorted(x, routing: Routing, valid, weights, *, chunk: int | None = None)
 
 def kernel_fits(n_tokens: int, weights, mesh=None) -> bool:
     """Whether `kernel` can run: split weights the kernels take, few enough tokens, kernels on."""
-    return is_split(weights[0]) and kernels.fits(n_tokens, *(w[0] for w in weights), mesh=mesh)
+    return is_split(weights[0]) and kernels.fits(n_tokens, *(w[0] for w in weights), mesh=mesh,
+                                                  max_rows=kernels.MOE_MAX_ROWS)
 
 
 def _moe_pure(x, experts, gates, weights):

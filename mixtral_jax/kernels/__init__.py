@@ -9,12 +9,13 @@ few spinning worker threads (one per core beyond the caller):
 
   - `linear`: x [M, K] @ w [K, N] (attention projections, lm_head), float32/bfloat16/int8 weights
     (int8: per-output-channel scales, as `mixtral_jax.quant` stores them);
-  - `moe`: the whole MoE layer for a few tokens over the CPU layout's per-expert [out, in]
-    matrices, reading only the selected experts (one call per layer instead of the `sorted`
-    strategy's per-expert loops).
+  - `moe`: the whole MoE layer over the CPU layout's per-expert [out, in] matrices, reading only
+    the selected experts (one call per layer instead of the `sorted` strategy's per-expert
+    loops): for decode's few tokens a loop bound by memory; for a prompt chunk (up to
+    `MOE_MAX_ROWS` tokens) register-blocked panels bound by arithmetic.
 
 They run when all of these hold at trace time: the backend is CPU, no mesh, at most `MAX_ROWS`
-activation rows, every dimension a multiple of 16, weights float32/bfloat16/int8, the library built,
+activation rows (`MOE_MAX_ROWS` for `moe`), every dimension a multiple of 16, weights float32/bfloat16/int8, the library built,
 and `MIXTRAL_JAX_CPU_KERNELS` is not "0". Otherwise the pure-JAX path runs; it is also the oracle
 (tests/test_kernels.py) and the backward pass (gradients are the pure path's `jax.vjp`), so the
 choice never changes what a program computes beyond summation order. `status()` says which path
@@ -41,6 +42,10 @@ logger = logging.getLogger(__name__)
 
 ENV = "MIXTRAL_JAX_CPU_KERNELS"
 MAX_ROWS = 16          # activation rows per call (cpu_kernels.cc kMaxRows)
+# Tokens up to which the MoE layer runs on the kernel: above kMaxRows, register-blocked panels that
+# pad each expert's rows to 16 where XLA's `sorted` steps pad to 32 (small config, one layer:
+# 1.42x `sorted` at 151 tokens, 1.28x at 264, even at 520; benchmarks/moe_layer.py).
+MOE_MAX_ROWS = 384
 _ISAS = ("generic x86-64/portable C++", "AVX2+FMA", "AVX-512")
 _TARGETS = ("mj_linear", "mj_moe", "mj_read_probe")
 _WEIGHT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.int8)
@@ -89,9 +94,10 @@ def _weight_ok(w) -> bool:
     return leaf.ndim == 2 and leaf.dtype in _WEIGHT_DTYPES and all(n % 16 == 0 for n in leaf.shape)
 
 
-def fits(rows: int, *weights, mesh=None) -> bool:
-    """Whether `rows` activation rows times these 2-D weights (plain or int8) take the kernels."""
-    return 0 < rows <= MAX_ROWS and all(_weight_ok(w) for w in weights) and enabled(mesh)
+def fits(rows: int, *weights, mesh=None, max_rows: int = MAX_ROWS) -> bool:
+    """Whether `rows` activation rows times these 2-D weights (plain or int8) take the kernels
+    (`max_rows`: MOE_MAX_ROWS for the MoE layer)."""
+    return 0 < rows <= max_rows and all(_weight_ok(w) for w in weights) and enabled(mesh)
 
 
 def flatten(w, n_in: int):

@@ -11,7 +11,9 @@
 //       down the rows four at a time, accumulating in L1; for one activation row, each task owns
 //       a block of whole rows instead and the tasks' partial sums are added after.
 //   nk: w [N, K] (the CPU layout's per-expert matrices): each task owns output rows and takes dot
-//       products along contiguous weight rows.
+//       products along contiguous weight rows. For a prompt chunk's many rows the MoE layer turns
+//       to outer products instead (`nk_panel`): each weight broadcast against 16-64 tokens held
+//       k-major, which makes it bound by arithmetic rather than by memory.
 // The body is compiled once per instruction set (AVX-512, AVX2+FMA, generic) and chosen at run
 // time, so one build runs on any x86-64 processor.
 
@@ -144,6 +146,68 @@ constexpr int64_t kMaxRows = 16;
         y[m * ldy + r] = hsum(acc[m][r]) * (scale ? scale[n + r] : 1.f);                           \
   }                                                                                                \
                                                                                                    \
+  /* c[i * ldc + l] += sum_{k < kc} w[i * ldw + k] xt[k * ldx + l] for i < NR, l < 16 MV: NR float32 */\
+  /* weight rows times an activation panel stored k-major (16 tokens per vector); the NR x MV */    \
+  /* accumulators stay in registers, each weight broadcast once per k. */                          \
+  template <int NR, int MV>                                                                        \
+  void op_block(const float* w, int64_t ldw, const float* xt, int64_t ldx, int64_t kc, float* c,   \
+                int64_t ldc) {                                                                     \
+    f32x16 acc[NR][MV];                                                                            \
+    for (int i = 0; i < NR; ++i)                                                                   \
+      for (int j = 0; j < MV; ++j) acc[i][j] = loadf(c + i * ldc + 16 * j);                        \
+    for (int64_t k = 0; k < kc; ++k) {                                                             \
+      f32x16 xv[MV];                                                                               \
+      for (int j = 0; j < MV; ++j) xv[j] = loadf(xt + k * ldx + 16 * j);                           \
+      for (int i = 0; i < NR; ++i) {                                                               \
+        const float wi = w[i * ldw + k];                                                           \
+        for (int j = 0; j < MV; ++j) acc[i][j] += wi * xv[j];                                      \
+      }                                                                                            \
+    }                                                                                              \
+    for (int i = 0; i < NR; ++i)                                                                   \
+      for (int j = 0; j < MV; ++j) std::memcpy(c + i * ldc + 16 * j, &acc[i][j], 64);              \
+  }                                                                                                \
+                                                                                                   \
+  /* c[(n - n0) * kPanel + l] += sum_k w[n, k] xt[k * ldx + l] for n in [n0, n1), l < 16 mv: weight */\
+  /* rows of w [N, K] times an activation panel of up to kPanel tokens, k in blocks of kKc (the */  \
+  /* panel's block stays in L1 while the rows pass); bf16/int8 rows are widened block by block, */  \
+  /* and the next row group's block is prefetched while this one computes. */                      \
+  template <WType T>                                                                               \
+  void nk_panel(const void* w, int64_t k_dim, int64_t n0, int64_t n1, const float* xt, int64_t ldx, \
+                int mv, float* c) {                                                                \
+    alignas(64) float scratch[8 * kKc];                                                            \
+    const int64_t nr = mv <= 3 ? 8 : 4;                                                            \
+    for (int64_t kb = 0; kb < k_dim; kb += kKc) {                                                  \
+      const int64_t kc = std::min(kKc, k_dim - kb);                                                \
+      for (int64_t n = n0; n < n1; n += nr) {                                                      \
+        const int64_t pn = n + nr < n1 ? n + nr : n0, pk = n + nr < n1 ? kb : kb + kKc;            \
+        if (pk < k_dim)                                                                            \
+          for (int64_t i = 0; i < nr; ++i)                                                         \
+            for (int64_t b = 0; b < kc * kBytes<T>; b += 64)                                       \
+              __builtin_prefetch(static_cast<const char*>(w) + ((pn + i) * k_dim + pk) * kBytes<T> + b, 0, 2);\
+        const float* wr = scratch;                                                                 \
+        int64_t ldw = kc;                                                                          \
+        if constexpr (T == WType::kF32) {                                                          \
+          wr = static_cast<const float*>(w) + n * k_dim + kb;                                      \
+          ldw = k_dim;                                                                             \
+        } else {                                                                                   \
+          for (int64_t i = 0; i < nr; ++i)                                                         \
+            for (int64_t k = 0; k < kc; k += 16) {                                                 \
+              const f32x16 v = load16<T>(w, (n + i) * k_dim + kb + k);                             \
+              std::memcpy(scratch + i * kc + k, &v, 64);                                           \
+            }                                                                                      \
+        }                                                                                          \
+        float* cn = c + (n - n0) * kPanel;                                                         \
+        const float* xk = xt + kb * ldx;                                                           \
+        switch (mv) {                                                                              \
+          case 1: op_block<8, 1>(wr, ldw, xk, ldx, kc, cn, kPanel); break;                         \
+          case 2: op_block<8, 2>(wr, ldw, xk, ldx, kc, cn, kPanel); break;                         \
+          case 3: op_block<8, 3>(wr, ldw, xk, ldx, kc, cn, kPanel); break;                         \
+          default: op_block<4, 4>(wr, ldw, xk, ldx, kc, cn, kPanel); break;                        \
+        }                                                                                          \
+      }                                                                                            \
+    }                                                                                              \
+  }                                                                                                \
+                                                                                                   \
   /* y[m * ldy + (n - n0)] = sum_k x[m, k] w[n, k] (* scale[n]) for n in [n0, n1). */              \
   template <WType T>                                                                               \
   void nk_rows(const float* x, int64_t m_rows, int64_t k_dim, const void* w, const float* scale,  \
@@ -163,6 +227,10 @@ constexpr int64_t kMaxRows = 16;
   }
 
 constexpr int64_t kTile = 512;
+// The MoE layer for more rows than kMaxRows (prompt chunks): activation panels of up to kPanel
+// tokens per expert, k in blocks of kKc (a 64-token panel's block is 32 KB, within L1).
+constexpr int64_t kPanel = 64;
+constexpr int64_t kKc = 128;
 // Activation rows up to which [in, out] products split the weight rows over tasks (`kn_rows`),
 // and tasks per thread there. One row (batch-1 decode): a [1024, 1024] projection read at
 // 20 GB/s in column tiles (a few hundred bytes of each 4 KB row, then a jump) and 25-28 GB/s in
@@ -268,6 +336,15 @@ void KnRows(const float* x, int64_t m, int64_t k, const void* w, int64_t n, int6
   if (kIsa == Isa::kAvx2) return avx2::kn_rows<T>(x, m, k, w, n, k0, k1, acc);
 #endif
   generic::kn_rows<T>(x, m, k, w, n, k0, k1, acc);
+}
+
+template <WType T>
+void NkPanel(const void* w, int64_t k, int64_t n0, int64_t n1, const float* xt, int64_t ldx, int mv, float* c) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  if (kIsa == Isa::kAvx512) return avx512::nk_panel<T>(w, k, n0, n1, xt, ldx, mv, c);
+  if (kIsa == Isa::kAvx2) return avx2::nk_panel<T>(w, k, n0, n1, xt, ldx, mv, c);
+#endif
+  generic::nk_panel<T>(w, k, n0, n1, xt, ldx, mv, c);
 }
 
 template <WType T>
@@ -448,6 +525,79 @@ ffi::Error LinearImpl(ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w,
 
 float Silu(float v) { return v / (1.f + std::exp(-v)); }
 
+// The MoE layer for many tokens (a prompt chunk), bound by arithmetic rather than memory: each
+// expert's rows gathered transposed ([D, rows rounded up to 16], tokens along the vector lanes),
+// then register-blocked outer products (`nk_panel`) that use every weight broadcast for up to
+// kPanel tokens. No rows are padded beyond the next 16 per expert (XLA's `sorted` steps pad to 32).
+// Stage 1 tasks: (expert, 64 hidden rows); stage 2 tasks: 64 output columns over all experts, so
+// no two tasks add into the same output.
+void MoePanels(const float* x, int64_t t_dim, int64_t d, int64_t f, int64_t top, const float* g,
+               const std::vector<std::vector<int64_t>>& rows, const std::vector<int64_t>& active,
+               const std::vector<const void*>& wp, const std::vector<const float*>& sp, int64_t n_experts,
+               WType t, float* y) {
+  constexpr int64_t kRows = 64;
+  std::vector<int64_t> mpad(n_experts, 0);
+  std::vector<std::vector<float>> xt(n_experts), ht(n_experts);
+  // Each expert's vectors of 16 tokens split into as few panels of at most kPanel tokens as
+  // possible, evenly (5 vectors: 3 + 2, not 4 + 1: a one-vector panel broadcasts a weight per FMA).
+  std::vector<std::vector<std::pair<int64_t, int>>> panels(n_experts);
+  for (int64_t e : active) {
+    const int64_t r = rows[e].size();
+    mpad[e] = (r + 15) / 16 * 16;
+    const int64_t vecs = mpad[e] / 16, most = kPanel / 16, n = (vecs + most - 1) / most;
+    for (int64_t i = 0, at = 0; i < n; ++i) {
+      const int mv = static_cast<int>(vecs / n + (i < vecs % n));
+      panels[e].emplace_back(at, mv);
+      at += 16 * mv;
+    }
+    xt[e].assign(d * mpad[e], 0.f);
+    ht[e].assign(f * mpad[e], 0.f);
+    for (int64_t m = 0; m < r; ++m) {
+      const float* xm = x + (rows[e][m] / top) * d;
+      for (int64_t k = 0; k < d; ++k) xt[e][k * mpad[e] + m] = xm[k];
+    }
+  }
+  std::memset(y, 0, sizeof(float) * t_dim * d);
+  WithType(t, [&](auto tc) {
+    constexpr WType T = decltype(tc)::value;
+    const int64_t f_tasks = (f + kRows - 1) / kRows;
+    ParallelFor(static_cast<int64_t>(active.size()) * f_tasks, [&](int64_t i) {
+      const int64_t e = active[i / f_tasks], f0 = (i % f_tasks) * kRows, f1 = std::min(f, f0 + kRows);
+      const float *sg = sp[e], *su = sp[n_experts + e];
+      alignas(64) float cg[kRows * kPanel], cu[kRows * kPanel];
+      for (const auto& [p0, mv] : panels[e]) {
+        std::memset(cg, 0, sizeof(cg));
+        std::memset(cu, 0, sizeof(cu));
+        NkPanel<T>(wp[e], d, f0, f1, xt[e].data() + p0, mpad[e], mv, cg);
+        NkPanel<T>(wp[n_experts + e], d, f0, f1, xt[e].data() + p0, mpad[e], mv, cu);
+        for (int64_t n = f0; n < f1; ++n) {
+          const float a = sg ? sg[n] : 1.f, b = su ? su[n] : 1.f;
+          for (int64_t l = 0; l < 16 * mv; ++l)
+            ht[e][n * mpad[e] + p0 + l] = Silu(cg[(n - f0) * kPanel + l] * a) * (cu[(n - f0) * kPanel + l] * b);
+        }
+      }
+    });
+    const int64_t d_tasks = (d + kRows - 1) / kRows;
+    ParallelFor(d_tasks, [&](int64_t i) {
+      const int64_t d0 = i * kRows, d1 = std::min(d, d0 + kRows);
+      alignas(64) float c[kRows * kPanel];
+      for (int64_t e : active) {
+        const float* sd = sp[2 * n_experts + e];
+        const int64_t r = rows[e].size();
+        for (const auto& [p0, mv] : panels[e]) {
+          std::memset(c, 0, sizeof(c));
+          NkPanel<T>(wp[2 * n_experts + e], f, d0, d1, ht[e].data() + p0, mpad[e], mv, c);
+          for (int64_t l = 0; l < std::min<int64_t>(16 * mv, r - p0); ++l) {
+            const int64_t a = rows[e][p0 + l];
+            float* yt = y + (a / top) * d;
+            for (int64_t n = d0; n < d1; ++n) yt[n] += g[a] * c[(n - d0) * kPanel + l] * (sd ? sd[n] : 1.f);
+          }
+        }
+      }
+    });
+  });
+}
+
 // The MoE layer for a few tokens: y[t] = sum_x gate[t, x] * SwiGLU_{e[t, x]}(x[t]), reading only
 // the selected experts. x [T, D] f32; experts [T, X] s32 (-1: skip); gates [T, X] f32; then
 // w_gate[0..E), w_up[0..E) ([F, D]), w_down[0..E) ([D, F]) and, when quantized, their scales
@@ -481,6 +631,10 @@ ffi::Error MoeImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> experts,
   std::vector<int64_t> active;
   for (int64_t e = 0; e < n_experts; ++e)
     if (!rows[e].empty()) active.push_back(e);
+  if (t_dim > kMaxRows) {
+    MoePanels(x.typed_data(), t_dim, d, f, top, g, rows, active, wp, sp, n_experts, t, y->typed_data());
+    return ffi::Error::Success();
+  }
   std::vector<std::vector<float>> xs(n_experts), hs(n_experts);
   for (int64_t e : active) {
     xs[e].resize(rows[e].size() * d);
