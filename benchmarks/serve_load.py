@@ -174,6 +174,7 @@ def main():
     parser.add_argument("--config", default="small", help="random-weight config to serve (default small)")
     parser.add_argument("--demo", action="store_true", help="serve the built-in demo model instead")
     parser.add_argument("--slots", type=int, default=8)
+    parser.add_argument("--prefill-chunk", type=int, help="the started server's --prefill-chunk (default: serve's)")
     parser.add_argument("--requests", type=int, default=32)
     parser.add_argument("--concurrency", default="32", help="comma-separated levels (default: all at once)")
     parser.add_argument("--batch", type=int, default=8, help="static batch size for the comparison")
@@ -196,8 +197,9 @@ def main():
             config = mj.MixtralConfig.preset(args.config)
             path, model_name = os.path.join(tmp.name, args.config), args.config
             save(path, config, mj.init_params(config, seed=args.seed), tokenizer=mj.Tokenizer().path)
+        chunk = [] if args.prefill_chunk is None else ["--prefill-chunk", args.prefill_chunk]
         url, proc = start_server(["--checkpoint", path, "--model-name", model_name, "--slots", args.slots,
-                                  "--ignore-eos"])
+                                  "--ignore-eos", *chunk])
     try:
         vocab = 32000
         max_prompt = 512 if not args.demo else 300          # the demo's context is 512
