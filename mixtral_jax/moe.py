@@ -21,8 +21,8 @@ exactly (no dropped tokens unless a capacity factor is asked for):
   the demo model's layer, forward and backward). Gathering weights per block suits small experts
   only: at Mixtral's size the copies would cost more than the matmuls.
 - `kernel`: the whole layer as one CPU custom call (`mixtral_jax.kernels`) for up to
-  `kernels.MOE_MAX_ROWS` tokens with split weights: only the selected experts are read, float32,
-  bfloat16 or int8 weights widened in registers. What `auto` picks on CPU when the kernels are
+  `kernels.moe_max_rows()` tokens (384 with AVX-512, else 16) with split weights: only the
+  selected experts are read, float32, bfloat16 or int8 weights widened in registers. What `auto` picks on CPU when the kernels are
   built, for decode and prompt chunks; otherwise (and for `kernel` asked for where it cannot run)
   `sorted` runs.
 
@@ -212,7 +212,7 @@ def moe_sorted(x, routing: Routing, valid, weights, *, chunk: int | None = None)
 def kernel_fits(n_tokens: int, weights, mesh=None) -> bool:
     """Whether `kernel` can run: split weights the kernels take, few enough tokens, kernels on."""
     return is_split(weights[0]) and kernels.fits(n_tokens, *(w[0] for w in weights), mesh=mesh,
-                                                  max_rows=kernels.MOE_MAX_ROWS)
+                                                  max_rows=kernels.moe_max_rows())
 
 
 def _moe_pure(x, experts, gates, weights):

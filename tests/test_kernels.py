@@ -97,11 +97,15 @@ def test_moe_kernel_equals_sorted_and_the_oracle(rng, n_tokens, kind):
     dtype = jnp.bfloat16 if kind == "bfloat16" else jnp.float32
     x = jnp.asarray(rng.standard_normal((n_tokens, KCONFIG.d_model)), dtype)
     valid = jnp.arange(n_tokens) != 1                       # a padding token takes no expert
-    assert moe_lib.kernel_fits(n_tokens, (layer["w_gate"], layer["w_up"], layer["w_down"]))
-    assert moe_lib.choose_strategy(n_tokens, 8, 2, split=True, kernel=True) == "kernel"
+    weights = (layer["w_gate"], layer["w_up"], layer["w_down"])
+    # Above 16 tokens `auto` takes the kernel with AVX-512 only; the kernel itself runs anywhere.
+    takes_kernel = n_tokens <= kernels.moe_max_rows()
+    assert moe_lib.kernel_fits(n_tokens, weights) == takes_kernel
+    assert kernels.moe_max_rows() in (kernels.MAX_ROWS, kernels.MOE_MAX_ROWS)
     run = jax.jit(lambda x, s: moe_lib.moe(x, layer, top_k=2, valid=valid, strategy=s)[0], static_argnums=1)
-    ours = run(x, "kernel")
-    assert "mj_moe" in jax.jit(lambda x: moe_lib.moe(x, layer, top_k=2, strategy="auto")[0]).lower(x).as_text()
+    ours = jax.jit(lambda x: moe_lib.moe_kernel(x, moe_lib.route(x, layer["router"], 2), valid, weights))(x)
+    auto_hlo = jax.jit(lambda x: moe_lib.moe(x, layer, top_k=2, strategy="auto")[0]).lower(x).as_text()
+    assert ("mj_moe" in auto_hlo) == takes_kernel
     # bf16: the kernel widens to float32 and rounds once; the pure path rounds after every op.
     tol = STRATEGY_ATOL if kind != "bfloat16" else 5e-2
     if n_tokens > 1:
