@@ -187,7 +187,7 @@ def restore_item(folder: str, config: MixtralConfig, item: str, dtype, sharding=
     # Leaf by leaf: a restore stages what it reads on the host before placing it, so restoring a
     # whole layer at once held a second copy of the layer; leaf by leaf, with the staging returned
     # to the OS after each, the peak of a sharded restore holds about one leaf extra.
-    ckpt = ocp.PyTreeCheckpointer()
+    ckpt, where = ocp.PyTreeCheckpointer(), os.path.join(os.path.abspath(folder), "params", item)
     leaves = {}
     for leaf, spec in item_specs(config, item).items():
         if quantized and leaf in CONTRACTED:
@@ -197,9 +197,8 @@ def restore_item(folder: str, config: MixtralConfig, item: str, dtype, sharding=
         else:
             abstract = target(spec.shape, spec.axes, dtype)
         tree = {leaf: abstract}
-        leaves.update(ckpt.restore(os.path.join(os.path.abspath(folder), "params", item),
-                                   args=ocp.args.PyTreeRestore(item=tree, restore_args=jax.tree.map(restore_args, tree),
-                                                               partial_restore=True)))
+        leaves.update(ckpt.restore(where, args=ocp.args.PyTreeRestore(
+            item=tree, restore_args=jax.tree.map(restore_args, tree), partial_restore=True)))
         release_freed_memory()
     return leaves
 

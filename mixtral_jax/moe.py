@@ -22,9 +22,9 @@ exactly (no dropped tokens unless a capacity factor is asked for):
   only: at Mixtral's size the copies would cost more than the matmuls.
 - `kernel`: the whole layer as one CPU custom call (`mixtral_jax.kernels`) for up to
   `kernels.moe_max_rows()` tokens (384 with AVX-512, else 16) with split weights: only the
-  selected experts are read, float32, bfloat16 or int8 weights widened in registers. What `auto` picks on CPU when the kernels are
-  built, for decode and prompt chunks; otherwise (and for `kernel` asked for where it cannot run)
-  `sorted` runs.
+  selected experts are read, float32, bfloat16 or int8 weights widened in registers. What `auto`
+  picks on CPU when the kernels are built, for decode and prompt chunks; otherwise (and for
+  `kernel` asked for where it cannot run) `sorted` runs.
 
 Expert weights come stacked ([E, D, F] arrays, the canonical layout) or split, the CPU layout `load`
 returns: a tuple of E per-expert matrices per weight, each in [out, in] orientation (w_gate and w_up

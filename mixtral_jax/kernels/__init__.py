@@ -16,12 +16,11 @@ few spinning worker threads (one per core beyond the caller):
 
 They run when all of these hold at trace time: the backend is CPU, no mesh, at most `MAX_ROWS`
 activation rows (`moe_max_rows()` for `moe`: 384 with AVX-512), every dimension a multiple of 16,
-weights float32/bfloat16/int8, the library built, and `MIXTRAL_JAX_CPU_KERNELS` is not "0". Otherwise the pure-JAX path runs; it is also the oracle
-(tests/test_kernels.py) and the backward pass (gradients are the pure path's `jax.vjp`), so the
-choice never changes what a program computes beyond summation order. `status()` says which path
-runs; it is logged once when a model first traces on CPU. The choice is made while tracing, so it
-adds no compiled programs.
-"""
+weights float32/bfloat16/int8, the library built, and `MIXTRAL_JAX_CPU_KERNELS` is not "0".
+Otherwise the pure-JAX path runs; it is also the oracle (tests/test_kernels.py) and the backward
+pass (gradients are the pure path's `jax.vjp`), so the choice never changes what a program computes
+beyond summation order. `status()` says which path runs; it is logged once when a model first traces
+on CPU. The choice is made while tracing, so it adds no compiled programs."""
 
 from __future__ import annotations
 

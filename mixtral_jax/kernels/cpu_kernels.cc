@@ -527,6 +527,9 @@ ffi::Error LinearImpl(ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w,
 
 float Silu(float v) { return v / (1.f + std::exp(-v)); }
 
+// Weight rows per MoE task (hidden rows in stage 1, output columns in stage 2), both MoE paths.
+constexpr int64_t kRows = 64;
+
 // The MoE layer for many tokens (a prompt chunk), bound by arithmetic rather than memory: each
 // expert's rows gathered transposed ([D, rows rounded up to 16], tokens along the vector lanes),
 // then register-blocked outer products (`nk_panel`) that use every weight broadcast for up to
@@ -537,7 +540,6 @@ void MoePanels(const float* x, int64_t t_dim, int64_t d, int64_t f, int64_t top,
                const std::vector<std::vector<int64_t>>& rows, const std::vector<int64_t>& active,
                const std::vector<const void*>& wp, const std::vector<const float*>& sp, int64_t n_experts,
                WType t, float* y) {
-  constexpr int64_t kRows = 64;
   std::vector<int64_t> mpad(n_experts, 0);
   // Uninitialised: every lane of ht is written in stage 1, and xt's padding lanes are zeroed below.
   std::vector<std::unique_ptr<float[]>> xt(n_experts), ht(n_experts);
@@ -653,7 +655,6 @@ ffi::Error MoeImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> experts,
   }
   float* yp = y->typed_data();
   std::memset(yp, 0, sizeof(float) * t_dim * d);
-  constexpr int64_t kRows = 64;
 
   WithType(t, [&](auto tc) {
     constexpr WType T = decltype(tc)::value;
