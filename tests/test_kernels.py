@@ -98,7 +98,7 @@ def test_moe_kernel_equals_sorted_and_the_oracle(rng, n_tokens, kind):
     x = jnp.asarray(rng.standard_normal((n_tokens, KCONFIG.d_model)), dtype)
     valid = jnp.arange(n_tokens) != 1                       # a padding token takes no expert
     weights = (layer["w_gate"], layer["w_up"], layer["w_down"])
-    # Above 16 tokens `auto` takes the kernel with AVX-512 only; the kernel itself runs anywhere.
+    # Above 16 tokens `auto` takes the kernel with AVX-512 or AVX2 only; the kernel itself runs anywhere.
     takes_kernel = n_tokens <= kernels.moe_max_rows()
     assert moe_lib.kernel_fits(n_tokens, weights) == takes_kernel
     assert kernels.moe_max_rows() in (kernels.MAX_ROWS, kernels.MOE_MAX_ROWS)

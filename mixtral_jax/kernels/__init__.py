@@ -12,10 +12,10 @@ few spinning worker threads (one per core beyond the caller):
   - `moe`: the whole MoE layer over the CPU layout's per-expert [out, in] matrices, reading only
     the selected experts (one call per layer instead of the `sorted` strategy's per-expert
     loops): for decode's few tokens a loop bound by memory; for a prompt chunk (up to
-    `MOE_MAX_ROWS` tokens, AVX-512 only) register-blocked panels bound by arithmetic.
+    `MOE_MAX_ROWS` tokens, AVX-512 or AVX2) register-blocked panels bound by arithmetic.
 
 They run when all of these hold at trace time: the backend is CPU, no mesh, at most `MAX_ROWS`
-activation rows (`moe_max_rows()` for `moe`: 384 with AVX-512), every dimension a multiple of 16,
+activation rows (`moe_max_rows()` for `moe`: 384 with AVX-512 or AVX2), every dimension a multiple of 16,
 weights float32/bfloat16/int8, the library built, and `MIXTRAL_JAX_CPU_KERNELS` is not "0".
 Otherwise the pure-JAX path runs; it is also the oracle (tests/test_kernels.py) and the backward
 pass (gradients are the pure path's `jax.vjp`), so the choice never changes what a program computes
@@ -41,11 +41,11 @@ logger = logging.getLogger(__name__)
 
 ENV = "MIXTRAL_JAX_CPU_KERNELS"
 MAX_ROWS = 16          # activation rows per call (cpu_kernels.cc kMaxRows)
-# Tokens up to which the MoE layer runs on the kernel with AVX-512: above kMaxRows, register-blocked
-# panels that pad each expert's rows to 16 where XLA's `sorted` steps pad to 32 (small config, one
-# layer: 1.42x `sorted` at 151 tokens, 1.28x at 264, even at 520; benchmarks/moe_layer.py). Its
-# register blocks (up to 24 zmm accumulators) are sized for AVX-512's 32 registers and it has only
-# been measured there, so with AVX2 or generic code the MoE kernel keeps to MAX_ROWS (`moe_max_rows`).
+# Tokens up to which the MoE layer runs on the kernel: above kMaxRows, register-blocked panels that
+# pad each expert's rows to 16 where XLA's `sorted` steps pad to 32 (small config, one layer,
+# benchmarks/moe_layer.py; AVX-512: 1.42x `sorted` at 151 tokens, 1.28x at 264, even at 520; AVX2
+# with its own 6x16 blocks: 1.3-1.7x at 40-151 tokens, 1.2x at 264, even at 384). The generic build
+# has no register blocking worth the name, so there the MoE kernel keeps to MAX_ROWS (`moe_max_rows`).
 MOE_MAX_ROWS = 384
 _ISAS = ("generic x86-64/portable C++", "AVX2+FMA", "AVX-512")
 _TARGETS = ("mj_linear", "mj_moe", "mj_read_probe")
@@ -98,7 +98,7 @@ def _weight_ok(w) -> bool:
 def moe_max_rows() -> int:
     """Tokens up to which the MoE layer may take the kernel on this processor (see MOE_MAX_ROWS)."""
     lib = _load()[0]
-    return MOE_MAX_ROWS if lib is not None and lib.mj_isa() == _ISAS.index("AVX-512") else MAX_ROWS
+    return MOE_MAX_ROWS if lib is not None and _ISAS[lib.mj_isa()] != _ISAS[0] else MAX_ROWS
 
 
 def fits(rows: int, *weights, mesh=None, max_rows: int = MAX_ROWS) -> bool:

@@ -60,20 +60,12 @@ constexpr int64_t kMaxRows = 16;
   template <WType T>                                                                               \
   inline f32x16 load16(const void* base, int64_t i) {                                              \
     if constexpr (T == WType::kF32) {                                                              \
-      f32x16 r;                                                                                    \
-      std::memcpy(&r, static_cast<const float*>(base) + i, 64);                                    \
-      return r;                                                                                    \
+      return loadf(static_cast<const float*>(base) + i);                                           \
     } else if constexpr (T == WType::kBF16) {                                                      \
       return widen_bf16(static_cast<const uint16_t*>(base) + i);                                   \
     } else {                                                                                       \
       return widen_i8(static_cast<const int8_t*>(base) + i);                                       \
     }                                                                                              \
-  }                                                                                                \
-                                                                                                   \
-  inline f32x16 loadf(const float* p) {                                                            \
-    f32x16 r;                                                                                      \
-    std::memcpy(&r, p, 64);                                                                        \
-    return r;                                                                                      \
   }                                                                                                \
                                                                                                    \
   inline float hsum(f32x16 v) {                                                                    \
@@ -100,7 +92,7 @@ constexpr int64_t kMaxRows = 16;
           float* a = acc + m * lda + j;                                                            \
           f32x16 s = loadf(a);                                                                     \
           s += xm[0] * w0 + xm[1] * w1 + xm[2] * w2 + xm[3] * w3;                                  \
-          std::memcpy(a, &s, 64);                                                                  \
+          storef(a, s);                                                                            \
         }                                                                                          \
       }                                                                                            \
     }                                                                                              \
@@ -164,25 +156,28 @@ constexpr int64_t kMaxRows = 16;
       }                                                                                            \
     }                                                                                              \
     for (int i = 0; i < NR; ++i)                                                                   \
-      for (int j = 0; j < MV; ++j) std::memcpy(c + i * ldc + 16 * j, &acc[i][j], 64);              \
+      for (int j = 0; j < MV; ++j) storef(c + i * ldc + 16 * j, acc[i][j]);                        \
   }                                                                                                \
                                                                                                    \
   /* c[(n - n0) * kPanel + l] += sum_k w[n, k] xt[k * ldx + l] for n in [n0, n1), l < 16 mv: weight */\
-  /* rows of w [N, K] times an activation panel of up to kPanel tokens, k in blocks of kKc (the */  \
-  /* panel's block stays in L1 while the rows pass); bf16/int8 rows are widened block by block, */  \
-  /* and the next row group's block is prefetched while this one computes. */                      \
+  /* rows of w [N, K] times an activation panel of up to kPanel tokens, k in blocks of kKc (the */ \
+  /* panel's block stays in L1 while the rows pass); bf16/int8 rows are widened block by block, */ \
+  /* and the next row group's block is prefetched while this one computes. Register blocks: with 32 */\
+  /* vector registers (kWide) 8 rows x up to 3 vectors of 16 tokens, or 4 x 4; with 16 (AVX2, a */ \
+  /* 16-token vector is two registers) 6 rows x one vector, vector by vector (BLIS's 6x16). */     \
   template <WType T>                                                                               \
-  void nk_panel(const void* w, int64_t k_dim, int64_t n0, int64_t n1, const float* xt, int64_t ldx, \
+  void nk_panel(const void* w, int64_t k_dim, int64_t n0, int64_t n1, const float* xt, int64_t ldx,\
                 int mv, float* c) {                                                                \
     alignas(64) float scratch[8 * kKc];                                                            \
-    const int64_t nr = mv <= 3 ? 8 : 4;                                                            \
-    const int64_t kcb = mv == 4 ? kKc / 2 : kKc;                                                   \
+    const int64_t nr = kWide ? (mv <= 3 ? 8 : 4) : 6;                                              \
+    const int64_t kcb = (kWide ? mv == 4 : mv >= 3) ? kKc / 2 : kKc;                               \
     for (int64_t kb = 0; kb < k_dim; kb += kcb) {                                                  \
       const int64_t kc = std::min(kcb, k_dim - kb);                                                \
       for (int64_t n = n0; n < n1; n += nr) {                                                      \
+        const int64_t rows = std::min(nr, n1 - n);                                                 \
         const int64_t pn = n + nr < n1 ? n + nr : n0, pk = n + nr < n1 ? kb : kb + kcb;            \
         if (pk < k_dim)                                                                            \
-          for (int64_t i = 0; i < nr; ++i)                                                         \
+          for (int64_t i = 0; i < std::min(nr, n1 - pn); ++i)                                      \
             for (int64_t b = 0; b < kc * kBytes<T>; b += 64)                                       \
               __builtin_prefetch(static_cast<const char*>(w) + ((pn + i) * k_dim + pk) * kBytes<T> + b, 0, 2);\
         const float* wr = scratch;                                                                 \
@@ -191,19 +186,34 @@ constexpr int64_t kMaxRows = 16;
           wr = static_cast<const float*>(w) + n * k_dim + kb;                                      \
           ldw = k_dim;                                                                             \
         } else {                                                                                   \
-          for (int64_t i = 0; i < nr; ++i)                                                         \
+          for (int64_t i = 0; i < rows; ++i)                                                       \
             for (int64_t k = 0; k < kc; k += 16) {                                                 \
               const f32x16 v = load16<T>(w, (n + i) * k_dim + kb + k);                             \
-              std::memcpy(scratch + i * kc + k, &v, 64);                                           \
+              storef(scratch + i * kc + k, v);                                                     \
             }                                                                                      \
         }                                                                                          \
         float* cn = c + (n - n0) * kPanel;                                                         \
         const float* xk = xt + kb * ldx;                                                           \
-        switch (mv) {                                                                              \
-          case 1: op_block<8, 1>(wr, ldw, xk, ldx, kc, cn, kPanel); break;                         \
-          case 2: op_block<8, 2>(wr, ldw, xk, ldx, kc, cn, kPanel); break;                         \
-          case 3: op_block<8, 3>(wr, ldw, xk, ldx, kc, cn, kPanel); break;                         \
-          default: op_block<4, 4>(wr, ldw, xk, ldx, kc, cn, kPanel); break;                        \
+        if constexpr (kWide) {                                                                     \
+          switch (mv) {                                                                            \
+            case 1: op_block<8, 1>(wr, ldw, xk, ldx, kc, cn, kPanel); break;                       \
+            case 2: op_block<8, 2>(wr, ldw, xk, ldx, kc, cn, kPanel); break;                       \
+            case 3: op_block<8, 3>(wr, ldw, xk, ldx, kc, cn, kPanel); break;                       \
+            default: op_block<4, 4>(wr, ldw, xk, ldx, kc, cn, kPanel); break;                      \
+          }                                                                                        \
+        } else {                                                                                   \
+          for (int j = 0; j < mv; ++j) {                                                           \
+            const float* xj = xk + 16 * j;                                                         \
+            float* cj = cn + 16 * j;                                                               \
+            switch (rows) {                                                                        \
+              case 6: op_block<6, 1>(wr, ldw, xj, ldx, kc, cj, kPanel); break;                     \
+              case 5: op_block<5, 1>(wr, ldw, xj, ldx, kc, cj, kPanel); break;                     \
+              case 4: op_block<4, 1>(wr, ldw, xj, ldx, kc, cj, kPanel); break;                     \
+              case 3: op_block<3, 1>(wr, ldw, xj, ldx, kc, cj, kPanel); break;                     \
+              case 2: op_block<2, 1>(wr, ldw, xj, ldx, kc, cj, kPanel); break;                     \
+              default: op_block<1, 1>(wr, ldw, xj, ldx, kc, cj, kPanel); break;                    \
+            }                                                                                      \
+          }                                                                                        \
         }                                                                                          \
       }                                                                                            \
     }                                                                                              \
@@ -253,7 +263,14 @@ int64_t KnTileWidth(int64_t rows, int64_t n, int64_t threads) {
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,fma")
 namespace avx512 {
+constexpr bool kWide = true;  // 32 vector registers
 typedef float f32x16 __attribute__((vector_size(64)));
+inline f32x16 loadf(const float* p) {
+  f32x16 r;
+  std::memcpy(&r, p, 64);
+  return r;
+}
+inline void storef(float* p, f32x16 v) { std::memcpy(p, &v, 64); }
 inline f32x16 widen_i8(const int8_t* p) {
   return (f32x16)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
 }
@@ -267,29 +284,52 @@ MJ_KERNEL_BODY
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
 namespace avx2 {
-typedef float f32x16 __attribute__((vector_size(64)));
+constexpr bool kWide = false;
+// Sixteen lanes as two ymm registers. GCC lowers a 64-byte vector_size type without AVX-512
+// through the stack (each FMA of a register block stored and reloaded in 16-byte pieces: the
+// panel kernel ran 6x slower than XLA); as a pair of 32-byte vectors every operation is one
+// instruction per half and the blocks stay in registers.
+typedef float f32x8 __attribute__((vector_size(32)));
+struct f32x16 {
+  f32x8 lo, hi;
+  float operator[](int i) const { return i < 8 ? lo[i] : hi[i - 8]; }
+};
+inline f32x16 operator+(f32x16 a, f32x16 b) { return {a.lo + b.lo, a.hi + b.hi}; }
+inline f32x16 operator*(f32x16 a, f32x16 b) { return {a.lo * b.lo, a.hi * b.hi}; }
+inline f32x16 operator*(float s, f32x16 b) { return {s * b.lo, s * b.hi}; }
+inline f32x16& operator+=(f32x16& a, f32x16 b) {
+  a.lo += b.lo;
+  a.hi += b.hi;
+  return a;
+}
+inline f32x16 loadf(const float* p) { return {(f32x8)_mm256_loadu_ps(p), (f32x8)_mm256_loadu_ps(p + 8)}; }
+inline void storef(float* p, f32x16 v) {
+  _mm256_storeu_ps(p, (__m256)v.lo);
+  _mm256_storeu_ps(p + 8, (__m256)v.hi);
+}
 inline f32x16 widen_i8(const int8_t* p) {
   const __m256 lo = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
   const __m256 hi = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 8))));
-  f32x16 r;
-  std::memcpy(&r, &lo, 32);
-  std::memcpy(reinterpret_cast<char*>(&r) + 32, &hi, 32);
-  return r;
+  return {(f32x8)lo, (f32x8)hi};
 }
 inline f32x16 widen_bf16(const uint16_t* p) {
   const __m256i lo = _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16);
   const __m256i hi = _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8))), 16);
-  f32x16 r;
-  std::memcpy(&r, &lo, 32);
-  std::memcpy(reinterpret_cast<char*>(&r) + 32, &hi, 32);
-  return r;
+  return {(f32x8)_mm256_castsi256_ps(lo), (f32x8)_mm256_castsi256_ps(hi)};
 }
 MJ_KERNEL_BODY
 }  // namespace avx2
 #pragma GCC pop_options
 #endif
 namespace generic {
+constexpr bool kWide = false;
 typedef float f32x16 __attribute__((vector_size(64)));
+inline f32x16 loadf(const float* p) {
+  f32x16 r;
+  std::memcpy(&r, p, 64);
+  return r;
+}
+inline void storef(float* p, f32x16 v) { std::memcpy(p, &v, 64); }
 inline f32x16 widen_i8(const int8_t* p) {
   f32x16 r;
   for (int i = 0; i < 16; ++i) r[i] = p[i];
