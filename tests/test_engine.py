@@ -10,6 +10,7 @@ import pytest
 import mixtral_jax as mj
 from mixtral_jax.kvcache import init_cache
 from mixtral_jax.model import Segment, decoder, decoder_segments
+from mixtral_jax.serving import engine as engine_lib
 from mixtral_jax.serving.engine import Engine, Options
 from tolerances import CACHE_ATOL
 
@@ -86,6 +87,74 @@ def test_engine_equals_generate_with_chunks_and_mixed_steps(model, options):
         want = mj.generate(model, [prompt], max_new_tokens=budget, stop_tokens=[], seed=options.get("seed", 0),
                            **sampling)[0]
         assert tokens == list(want)
+
+
+def test_short_prompts_waiting_together_share_a_step(model):
+    """Prompts with at most PACK_CHUNK tokens left that wait together are read in one step while
+    another slot decodes (three take the four-piece program with a padding piece, none of whose
+    writes may land), and each request's tokens still equal `generate`'s for it alone."""
+    rng = np.random.default_rng(2)
+    lengths = [130, 40, 5, 64]
+    prompts = [[1] + rng.integers(3, model.config.vocab_size, n - 1).tolist() for n in lengths]
+    budgets = [30, 6, 9, 3]
+    engine = Engine(model, slots=4, max_seq_len=200, prefill_chunk=64, stop_tokens=[])
+    steps = []
+    call = engine._call
+
+    def spy(op, **kw):
+        if op == "prefill" and threading.current_thread().name == "mixtral-jax-engine":
+            steps.append(len(kw["pieces"]))
+        return call(op, **kw)
+
+    engine._call = spy
+    done = [threading.Event() for _ in prompts]
+    streaming = threading.Event()
+
+    def submit(i):
+        def on_event(e):
+            if e.token is not None:
+                streaming.set()
+            if e.finish_reason:
+                done[i].set()
+        return engine.submit(prompts[i], Options(max_new_tokens=budgets[i]), on_event)
+
+    reqs = [submit(0)]
+    engine.start()
+    try:
+        assert streaming.wait(300), "the long prompt never started decoding"
+        with engine._lock:                                  # the three arrive together
+            reqs += [submit(i) for i in (1, 2, 3)]
+        for d in done:
+            assert d.wait(300), "a request did not finish"
+    finally:
+        engine.shutdown()
+    assert 3 in steps and max(steps) <= engine_lib.PACK_SIZES[-1]
+    for prompt, budget, req in zip(prompts, budgets, reqs):
+        assert req.tokens == list(mj.generate(model, [prompt], max_new_tokens=budget, stop_tokens=[])[0])
+
+
+def test_multi_host_calls_round_trip():
+    """What process 0 broadcasts for a step with pieces is what the other processes rebuild."""
+    calls = engine_lib._Calls(256)
+    sent = []
+    calls._broadcast = lambda ints, floats: sent.append((ints, floats)) or (ints, floats)
+    opts = [Options(max_new_tokens=5, temperature=0.5, top_k=3, top_p=0.75, seed=2**32 - 1, presence_penalty=-1.0),
+            Options(max_new_tokens=7, repetition_penalty=1.2, seed=4)]
+    pieces = [dict(slot=2, tokens=np.arange(64, dtype=np.int32), n_valid=40, start=0, options=opts[0], final=True),
+              dict(slot=0, tokens=np.arange(64, 128, dtype=np.int32), n_valid=64, start=64, options=opts[1],
+                   final=False)]
+    calls.send("prefill", pieces=pieces)
+    calls._broadcast = lambda ints, floats: sent[0]
+    op, kw = calls.receive()
+    assert op == "prefill" and len(kw["pieces"]) == 2
+    for want, got in zip(pieces, kw["pieces"]):
+        np.testing.assert_array_equal(got.pop("tokens"), want["tokens"])
+        got_opts, want_opts = got.pop("options"), want["options"]
+        assert got == {k: v for k, v in want.items() if k not in ("tokens", "options")}
+        if want["final"]:
+            assert got_opts == want_opts
+        else:   # a piece that is not its prompt's last carries no budget
+            assert got_opts.seed == want_opts.seed and got_opts.repetition_penalty == pytest.approx(1.2)
 
 
 def test_chunk_sizes_pad_a_little_or_split(model):

@@ -6,15 +6,20 @@ Device side (jitted programs, all compiled by `start` before it returns):
   its slot's row of the cache (the slot index is traced, so one program serves every slot), in one
   pass through the decoder: the chunk's and the slots' tokens share each layer's MoE, so the expert
   weights (most of the bytes a step reads) are read once for both. At a prompt's last chunk its
-  first token is sampled and the slot starts decoding. One program per chunk size (powers of two
-  from 16 up to `prefill_chunk`) and one without a chunk. Idle slots compute but write nothing
+  first token is sampled and the slot starts decoding. The last pieces of up to four prompts
+  (at most `PACK_CHUNK` tokens each) can share one step, each in its own row of the chunk: short
+  prompts arriving together (a burst of clients) start after one step, not one step each. One
+  program per chunk size (powers of two from 16 up to `prefill_chunk`), two for packs (2 and 4
+  pieces of `PACK_CHUNK`; a pack of three carries a padding piece whose slot index is out of range,
+  so every write of it is dropped) and one without a chunk. Idle slots compute but write nothing
   (their new length is 0), so their cache rows and lengths stay as they are.
 - `release`: a slot stops decoding (stop string found on the host, or its client went away).
 
 Host side, one thread owns every JAX call: each iteration it drops cancelled requests, admits
 waiting requests into free slots (first come, first served), dispatches one step (with a chunk of
 the request with the fewest prompt tokens left: running streams keep flowing while a long prompt
-is read, and a short prompt does not wait for it), and hands the previous step's tokens to their
+is read, and a short prompt does not wait for it; or, when several prompts have at most
+`PACK_CHUNK` tokens left, all of them, up to four), and hands the previous step's tokens to their
 requests (so the device computes while the host works). Steps with a prompt chunk are the
 exception: one starts on an idle device and is waited for before the next is dispatched, so a
 prompt arriving while it runs joins the very next step rather than queueing behind another long
@@ -60,6 +65,8 @@ log = logging.getLogger(__name__)
 TOP_LOGPROBS = 20  # alternatives computed every step (OpenAI allows up to 20)
 MIN_CHUNK = 16
 PAD_LIMIT = 64  # padding tokens a prompt's last chunk may carry rather than take one more step
+PACK_CHUNK = 64  # prompts with at most this many tokens left may share a step, each padded to it
+PACK_SIZES = (2, 4)  # pieces in a shared step (three take the program for four)
 HEARTBEAT_S = 5.0  # multi-host: an idle process 0 tells the others it is alive this often
 OPS = ("noop", "prefill", "decode", "release", "stop")
 
@@ -115,23 +122,30 @@ def _replicated(out: "StepOut", mesh) -> "StepOut":
 
 
 class Chunk(NamedTuple):
-    """One piece of one request's prompt, read in a step (device arrays; the slot index traced)."""
-    slot: jax.Array            # int32
-    tokens: jax.Array          # [C] int32, padded
-    n_valid: jax.Array         # int32 valid tokens
-    start: jax.Array           # int32 prompt position of tokens[0]
-    request: SamplingParams    # [1] each
-    seed: jax.Array            # [1] uint32
-    max_new: jax.Array         # int32 token budget; 0 for a chunk that is not the prompt's last
+    """P pieces of prompts read in a step, one request each (device arrays; slot indices traced).
+    A padding piece has slot N (out of range: its writes are dropped) and no valid tokens."""
+    slot: jax.Array            # [P] int32
+    tokens: jax.Array          # [P, C] int32, padded
+    n_valid: jax.Array         # [P] int32 valid tokens
+    start: jax.Array           # [P] int32 prompt position of tokens[p, 0]
+    request: SamplingParams    # [P] each
+    seed: jax.Array            # [P] uint32
+    max_new: jax.Array         # [P] int32 token budget; 0 for a piece that is not its prompt's last
+
+    def piece(self, p: int) -> "Chunk":
+        """Piece p: scalars, and [1] sampling settings and seed."""
+        one = lambda a: a[p:p + 1]  # noqa: E731
+        return Chunk(self.slot[p], self.tokens[p], self.n_valid[p], self.start[p], jax.tree.map(one, self.request),
+                     one(self.seed), self.max_new[p])
 
 
 def _step(config, params, slots: Slots, stop, chunk: Chunk | None = None, *, attention: str, mesh=None):
-    """One token for every decoding slot and, with `chunk`, one piece of a prompt into its slot's
-    cache row, in one pass through the decoder (the expert weights, most of a step's bytes, are
-    read once for both). A prompt's last chunk samples its first token and starts the slot.
+    """One token for every decoding slot and, with `chunk`, its pieces of prompts, each into its
+    slot's cache row, in one pass through the decoder (the expert weights, most of a step's bytes,
+    are read once for all). A prompt's last piece samples its first token and starts the slot.
 
     Returns:
-      (slots, StepOut for the N slots, StepOut for the chunk's one row or None).
+      (slots, StepOut for the N slots, StepOut for the chunk's P pieces or None).
     """
     live = slots.active
     cache = slots.cache
@@ -139,8 +153,8 @@ def _step(config, params, slots: Slots, stop, chunk: Chunk | None = None, *, att
     if chunk is not None:
         # Straight into the slot's row (`rows`): copying the row out and back cost more, at a 32k
         # context, than a short prompt's whole prefill.
-        cache = dict(cache, lengths=cache["lengths"].at[chunk.slot].set(chunk.start))
-        segments.append(Segment(chunk.tokens[None], jnp.reshape(chunk.n_valid, (1,)), jnp.reshape(chunk.slot, (1,))))
+        cache = dict(cache, lengths=cache["lengths"].at[chunk.slot].set(chunk.start, mode="drop"))
+        segments.append(Segment(chunk.tokens, chunk.n_valid, chunk.slot))
     hidden, cache, router_logits, _ = decoder_segments(config, params, segments, cache, attention=attention,
                                                        mesh=mesh)
     logits = lm_head(params, hidden[0][:, 0], mesh)                                   # [N, V]
@@ -159,13 +173,17 @@ def _step(config, params, slots: Slots, stop, chunk: Chunk | None = None, *, att
                               routing=routing), mesh)
     if chunk is None:
         return new, out, None
-    new, first = _start(config, params, new, chunk, hidden[1][0], router_logits[1][:, 0], stop, mesh)
-    return new, out, _replicated(first, mesh)
+    firsts = []
+    for p in range(chunk.tokens.shape[0]):
+        new, first = _start(config, params, new, chunk.piece(p), hidden[1][p], router_logits[1][:, p], stop, mesh)
+        firsts.append(first)
+    return new, out, _replicated(jax.tree.map(lambda *rows: jnp.concatenate(rows), *firsts), mesh)
 
 
 def _start(config, params, slots: Slots, chunk: Chunk, hidden, router_logits, stop, mesh):
-    """After a prompt chunk (hidden [C, D], router logits [L, C, E]): the prompt's tokens marked for
-    the repetition penalty and, at its last chunk, the first token sampled and the slot started."""
+    """After one piece of a prompt (hidden [C, D], router logits [L, C, E]): the prompt's tokens
+    marked for the repetition penalty and, at its last piece, the first token sampled and the slot
+    started. Writes at an out-of-range slot (a padding piece) are dropped."""
     vocab, slot = config.vocab_size, chunk.slot
     ids = jnp.where(jnp.arange(chunk.tokens.shape[0]) < chunk.n_valid, chunk.tokens, vocab)
     prompt_row = jnp.where(chunk.start == 0, False, slots.in_prompt[slot]).at[ids].set(True, mode="drop")
@@ -177,14 +195,14 @@ def _start(config, params, slots: Slots, chunk: Chunk, hidden, router_logits, st
     lp, top_ids, top_lp, routing = _emit(logits, token, router_logits[:, last][:, None], config.top_k)
     final = chunk.max_new > 0
     done = jnp.isin(token, stop) | (chunk.max_new <= 1)
-    put = lambda a, v: a.at[slot].set(jnp.where(final, v, a[slot]))  # noqa: E731
+    put = lambda a, v: a.at[slot].set(jnp.where(final, v, a[slot]), mode="drop")  # noqa: E731
     new = slots.replace(
-        in_prompt=slots.in_prompt.at[slot].set(prompt_row), last=put(slots.last, token[0]),
+        in_prompt=slots.in_prompt.at[slot].set(prompt_row, mode="drop"), last=put(slots.last, token[0]),
         active=put(slots.active, final & ~done[0]), n_new=put(slots.n_new, 1), max_new=put(slots.max_new, chunk.max_new),
         seeds=put(slots.seeds, chunk.seed[0]),
         params=jax.tree.map(lambda a, v: put(a, v[0]), slots.params, chunk.request),
         counts=slots.counts.at[slot].set(jnp.where(final, jax.nn.one_hot(token[0], vocab, dtype=jnp.int32),
-                                                   slots.counts[slot])))
+                                                   slots.counts[slot]), mode="drop"))
     return new, StepOut(token=token, live=final[None], done=(final & done[0])[None], logprob=lp, top_ids=top_ids,
                         top_logprobs=top_lp, routing=routing)
 
@@ -282,36 +300,46 @@ class QueueFull(Exception):
 class _Calls:
     """Device calls as fixed-size arrays, broadcast from process 0 to the others (multi-host)."""
 
+    HEAD = 2 + 7 * PACK_SIZES[-1]       # op, pieces, then 7 ints per piece; the pieces' tokens follow
+
     def __init__(self, chunk: int):
-        self.chunk = chunk
+        self.size = self.HEAD + max(chunk, PACK_SIZES[-1] * PACK_CHUNK)
 
     def send(self, op: str, **kw) -> None:
-        ints = np.zeros(8 + self.chunk, np.int32)
-        floats = np.zeros(6, np.float32)
+        ints = np.zeros(self.size, np.int32)
+        floats = np.zeros((PACK_SIZES[-1], 6), np.float32)
         ints[0] = OPS.index(op)
         if op == "prefill":
-            o = kw["options"]
-            tokens = kw["tokens"]
-            ints[1:8] = (kw["slot"], kw["n_valid"], kw["start"], o.max_new_tokens if kw["final"] else 0,
-                         tokens.size, o.top_k, np.uint32(o.seed).view(np.int32))
-            ints[8:8 + tokens.size] = tokens
-            floats[:] = (o.temperature, o.top_p, o.min_p, o.repetition_penalty, o.presence_penalty,
-                         o.frequency_penalty)
+            ints[1] = len(kw["pieces"])
+            at = self.HEAD
+            for i, pc in enumerate(kw["pieces"]):
+                o, tokens = pc["options"], pc["tokens"]
+                ints[2 + 7 * i:9 + 7 * i] = (pc["slot"], pc["n_valid"], pc["start"],
+                                             o.max_new_tokens if pc["final"] else 0, tokens.size, o.top_k,
+                                             np.uint32(o.seed).view(np.int32))
+                ints[at:at + tokens.size] = tokens
+                at += tokens.size
+                floats[i] = (o.temperature, o.top_p, o.min_p, o.repetition_penalty, o.presence_penalty,
+                             o.frequency_penalty)
         elif op == "release":
             ints[1] = kw["slot"]
         self._broadcast(ints, floats)
 
     def receive(self) -> tuple[str, dict]:
-        ints, floats = self._broadcast(np.zeros(8 + self.chunk, np.int32), np.zeros(6, np.float32))
+        ints, floats = self._broadcast(np.zeros(self.size, np.int32), np.zeros((PACK_SIZES[-1], 6), np.float32))
         op = OPS[int(ints[0])]
         if op == "prefill":
-            slot, n_valid, start, max_new, size, top_k, seed = (int(v) for v in ints[1:8])
-            t, tp, mp, rp, pp, fp = (float(v) for v in floats)
-            options = Options(max_new_tokens=max(max_new, 1), temperature=t, top_k=top_k, top_p=tp, min_p=mp,
-                              repetition_penalty=rp, presence_penalty=pp, frequency_penalty=fp,
-                              seed=int(np.int32(seed).view(np.uint32)))
-            return op, {"slot": slot, "tokens": ints[8:8 + size].copy(), "n_valid": n_valid, "start": start,
-                        "options": options, "final": max_new > 0}
+            pieces, at = [], self.HEAD
+            for i in range(int(ints[1])):
+                slot, n_valid, start, max_new, size, top_k, seed = (int(v) for v in ints[2 + 7 * i:9 + 7 * i])
+                t, tp, mp, rp, pp, fp = (float(v) for v in floats[i])
+                options = Options(max_new_tokens=max(max_new, 1), temperature=t, top_k=top_k, top_p=tp, min_p=mp,
+                                  repetition_penalty=rp, presence_penalty=pp, frequency_penalty=fp,
+                                  seed=int(np.int32(seed).view(np.uint32)))
+                pieces.append({"slot": slot, "tokens": ints[at:at + size].copy(), "n_valid": n_valid, "start": start,
+                               "options": options, "final": max_new > 0})
+                at += size
+            return op, {"pieces": pieces}
         return op, {"slot": int(ints[1])} if op == "release" else {}
 
     @staticmethod
@@ -482,18 +510,29 @@ class Engine:
             return jax.device_put(a, sharding_for(a.shape, axes, self.mesh))
         return jax.tree_util.tree_map_with_path(place, slots)
 
+    def _packs(self) -> tuple[int, ...]:
+        """Pieces a shared step may hold (none when `prefill_chunk` is below PACK_CHUNK)."""
+        return PACK_SIZES if self.chunk >= PACK_CHUNK else ()
+
     def _warm_up(self) -> None:
-        """Compile a step with a chunk of every size, a step without, and release, on slot 0 (left empty)."""
+        """Compile a step with a chunk of every size, with each pack, without, and release, on slot 0
+        (left empty; a pack's other pieces are padding)."""
         start = time.perf_counter()
         opts = Options(max_new_tokens=2, temperature=1.0, top_k=5)
-        for size in self._chunks():
-            self._call("prefill", slot=0, tokens=np.ones(size, np.int32), n_valid=size, start=0, options=opts,
-                       final=True)
+        shapes = [(size, 1) for size in self._chunks()] + [(PACK_CHUNK, n) for n in self._packs()]
+        for size, n in shapes:
+            piece = dict(slot=0, tokens=np.ones(size, np.int32), n_valid=size, start=0, options=opts, final=True)
+            self._call("prefill", pieces=[piece] + [self._padding(size)] * (n - 1))
         self._call("decode")
         self._call("release", slot=0)
         jax.block_until_ready(self._slots.active)
-        log.info("engine warm: steps with %d chunk sizes and without, and release compiled in %.1f s",
-                 len(self._chunks()), time.perf_counter() - start)
+        log.info("engine warm: %d step programs with a chunk, one without, and release compiled in %.1f s",
+                 len(shapes), time.perf_counter() - start)
+
+    def _padding(self, size: int) -> dict:
+        """A piece that reads nothing: its slot is out of range, so all its writes are dropped."""
+        return dict(slot=self.n_slots, tokens=np.zeros(size, np.int32), n_valid=0, start=0,
+                    options=Options(max_new_tokens=1), final=False)
 
     def _call(self, op: str, **kw):
         """A device call made by process 0: broadcast to the followers first when multi-host."""
@@ -501,19 +540,26 @@ class Engine:
             self._calls.send(op, **kw)
         return self._device(op, **kw)
 
-    def _device(self, op: str, *, slot=0, tokens=None, n_valid=0, start=0, options=None, final=False):
-        """Run one device call on this process; a step ("prefill": with a prompt chunk, "decode":
-        without) returns its outputs (the slots', the chunk's or None)."""
+    def _device(self, op: str, *, slot=0, pieces=()):
+        """Run one device call on this process; a step ("prefill": with pieces of prompts, "decode":
+        without) returns its outputs (the slots', the pieces' or None). Three pieces take the
+        program for four, with a padding piece."""
         if op in ("prefill", "decode"):
             chunk = None
             if op == "prefill":
-                o = options
-                request = SamplingParams(*(np.asarray([v], dt) for v, dt in (
-                    (o.temperature, np.float32), (o.top_k, np.int32), (o.top_p, np.float32), (o.min_p, np.float32),
-                    (o.repetition_penalty, np.float32), (o.presence_penalty, np.float32),
-                    (o.frequency_penalty, np.float32))))
-                chunk = Chunk(np.int32(slot), tokens, np.int32(n_valid), np.int32(start), request,
-                              np.asarray([o.seed], np.uint32), np.int32(o.max_new_tokens if final else 0))
+                pieces = list(pieces)
+                if len(pieces) == 3:
+                    pieces.append(self._padding(pieces[0]["tokens"].size))
+                opts = [pc["options"] for pc in pieces]
+                request = SamplingParams(*(np.asarray([getattr(o, name) for o in opts], dt) for name, dt in (
+                    ("temperature", np.float32), ("top_k", np.int32), ("top_p", np.float32), ("min_p", np.float32),
+                    ("repetition_penalty", np.float32), ("presence_penalty", np.float32),
+                    ("frequency_penalty", np.float32))))
+                ints = lambda key: np.asarray([pc[key] for pc in pieces], np.int32)  # noqa: E731
+                chunk = Chunk(ints("slot"), np.stack([pc["tokens"] for pc in pieces]), ints("n_valid"), ints("start"),
+                              request, np.asarray([o.seed for o in opts], np.uint32),
+                              np.asarray([o.max_new_tokens if pc["final"] else 0 for o, pc in zip(opts, pieces)],
+                                         np.int32))
             self._slots, out, first = self._step(self.config, self.model.params, self._slots, self.stop, chunk,
                                                  attention=self.attention, mesh=self.mesh)
             return out, first
@@ -574,30 +620,35 @@ class Engine:
         return [r for r in self._running.values() if r.prefilled < len(r.prompt)]
 
     def _dispatch(self):
-        """Start a step (JAX dispatches asynchronously): every decoding slot, plus at most one prompt
-        chunk, of the request with the fewest prompt tokens left to read (then the oldest), so a
-        short prompt arriving behind a long one starts streaming after one chunk, not after the
-        whole long prompt, and running streams get a token every step. Returns what `_deliver`
-        takes, or None when there is nothing to do.
+        """Start a step (JAX dispatches asynchronously): every decoding slot, plus one prompt chunk,
+        of the request with the fewest prompt tokens left to read (then the oldest), so a short
+        prompt arriving behind a long one starts streaming after one chunk, not after the whole long
+        prompt, and running streams get a token every step. When two or more prompts have at most
+        PACK_CHUNK tokens left, the step reads them all instead (up to four, the shortest first).
+        Returns what `_deliver` takes, or None when there is nothing to do.
 
         A decode-only step's tokens are read only after the next step has been dispatched, so the
         device does not wait for the host's detokenizing (`_loop` waits for steps with a chunk). A
         request the host ends meanwhile (a stop string, a cancel) may get one more token computed,
         which is dropped: its request has finished."""
         decoding = {s: r for s, r in self._running.items() if r.prefilled == len(r.prompt)}
-        todo = self._reading()
+        todo = sorted(self._reading(), key=lambda r: (len(r.prompt) - r.prefilled, r.id))
         if not todo:
             return (decoding, *self._call("decode"), None) if decoding else None
-        req = min(todo, key=lambda r: (len(r.prompt) - r.prefilled, r.id))
-        left = len(req.prompt) - req.prefilled
-        size = self._chunk_size(left)
-        n = min(size, left)
-        tokens = np.zeros(size, np.int32)
-        tokens[:n] = req.prompt[req.prefilled:req.prefilled + n]
-        out, first = self._call("prefill", slot=req.slot, tokens=tokens, n_valid=n, start=req.prefilled,
-                                options=req.options, final=n == left)
-        req.prefilled += n
-        return decoding, out, first, req if n == left else None
+        short = [r for r in todo if len(r.prompt) - r.prefilled <= PACK_CHUNK][:max(self._packs(), default=1)]
+        group = short if len(short) > 1 else todo[:1]
+        size = PACK_CHUNK if len(group) > 1 else self._chunk_size(len(todo[0].prompt) - todo[0].prefilled)
+        pieces = []
+        for req in group:
+            left = len(req.prompt) - req.prefilled
+            n = min(size, left)
+            tokens = np.zeros(size, np.int32)
+            tokens[:n] = req.prompt[req.prefilled:req.prefilled + n]
+            pieces.append(dict(slot=req.slot, tokens=tokens, n_valid=n, start=req.prefilled, options=req.options,
+                               final=n == left))
+            req.prefilled += n
+        out, first = self._call("prefill", pieces=pieces)
+        return decoding, out, first, [req if pc["final"] else None for req, pc in zip(group, pieces)]
 
     def _chunk_size(self, left: int) -> int:
         """The compiled chunk size for the next piece of a prompt with `left` tokens unread: the
@@ -612,12 +663,15 @@ class Engine:
         return 1 << (left.bit_length() - 1)
 
     def _deliver(self, step) -> None:
-        """Hand a step's tokens to their requests: the decoding slots', then the first token of the
-        request whose prompt the step finished."""
+        """Hand a step's tokens to their requests: the decoding slots', then the first tokens of the
+        requests whose prompts the step finished."""
         decoding, out, first, started = step
         self._hand_out(decoding, jax.device_get(out), None)
-        if started is not None:
-            self._hand_out({started.slot: started}, jax.device_get(first), 0)
+        if first is not None:
+            first = jax.device_get(first)
+            for row, req in enumerate(started):
+                if req is not None:
+                    self._hand_out({req.slot: req}, first, row)
 
     def _hand_out(self, reqs: dict[int, Request], out: StepOut, row: int | None) -> None:
         """Each live row's token to its request (row `row` of `out` for all, else the slot's own);
