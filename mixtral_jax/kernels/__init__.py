@@ -98,7 +98,7 @@ def _weight_ok(w) -> bool:
 def moe_max_rows() -> int:
     """Tokens up to which the MoE layer may take the kernel on this processor (see MOE_MAX_ROWS)."""
     lib = _load()[0]
-    return MOE_MAX_ROWS if lib is not None and _ISAS[lib.mj_isa()] != _ISAS[0] else MAX_ROWS
+    return MOE_MAX_ROWS if lib is not None and lib.mj_isa() != _ISAS.index("generic x86-64/portable C++") else MAX_ROWS
 
 
 def fits(rows: int, *weights, mesh=None, max_rows: int = MAX_ROWS) -> bool:

@@ -258,6 +258,11 @@ class Request:
         self.prefilled = 0               # prompt tokens already in the cache
         self.slot: int | None = None
 
+    @property
+    def unread(self) -> int:
+        """Prompt tokens not in the cache yet."""
+        return len(self.prompt) - self.prefilled
+
     def _accept(self, token: int, lp, top, routing) -> bool:
         """Record one token; emit its event; True when a stop string ended the request."""
         self.tokens.append(token)
@@ -617,7 +622,7 @@ class Engine:
 
     def _reading(self) -> list[Request]:
         """The running requests whose prompt is not all in the cache yet."""
-        return [r for r in self._running.values() if r.prefilled < len(r.prompt)]
+        return [r for r in self._running.values() if r.unread]
 
     def _dispatch(self):
         """Start a step (JAX dispatches asynchronously): every decoding slot, plus one prompt chunk,
@@ -631,16 +636,16 @@ class Engine:
         device does not wait for the host's detokenizing (`_loop` waits for steps with a chunk). A
         request the host ends meanwhile (a stop string, a cancel) may get one more token computed,
         which is dropped: its request has finished."""
-        decoding = {s: r for s, r in self._running.items() if r.prefilled == len(r.prompt)}
-        todo = sorted(self._reading(), key=lambda r: (len(r.prompt) - r.prefilled, r.id))
+        decoding = {s: r for s, r in self._running.items() if not r.unread}
+        todo = sorted(self._reading(), key=lambda r: (r.unread, r.id))
         if not todo:
             return (decoding, *self._call("decode"), None) if decoding else None
-        short = [r for r in todo if len(r.prompt) - r.prefilled <= PACK_CHUNK][:max(self._packs(), default=1)]
+        short = [r for r in todo if r.unread <= PACK_CHUNK][:max(self._packs(), default=1)]
         group = short if len(short) > 1 else todo[:1]
-        size = PACK_CHUNK if len(group) > 1 else self._chunk_size(len(todo[0].prompt) - todo[0].prefilled)
+        size = PACK_CHUNK if len(group) > 1 else self._chunk_size(todo[0].unread)
         pieces = []
         for req in group:
-            left = len(req.prompt) - req.prefilled
+            left = req.unread
             n = min(size, left)
             tokens = np.zeros(size, np.int32)
             tokens[:n] = req.prompt[req.prefilled:req.prefilled + n]
