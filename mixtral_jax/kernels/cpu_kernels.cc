@@ -68,12 +68,6 @@ constexpr int64_t kMaxRows = 16;
     }                                                                                              \
   }                                                                                                \
                                                                                                    \
-  inline float hsum(f32x16 v) {                                                                    \
-    float s = 0.f;                                                                                 \
-    for (int i = 0; i < 16; ++i) s += v[i];                                                        \
-    return s;                                                                                      \
-  }                                                                                                \
-                                                                                                   \
   /* acc[m * lda + j] += sum_{k in [k0, k1)} x[m, k] w[k, n0 + j] for j < nt, weight rows four at a */\
   /* time (shared by column tiles and row blocks). */                                              \
   template <WType T>                                                                               \
@@ -119,14 +113,15 @@ constexpr int64_t kMaxRows = 16;
     kn_accumulate<T>(x, m_rows, k_dim, w, n_dim, k0, k1, 0, n_dim, acc, n_dim);                    \
   }                                                                                                \
                                                                                                    \
-  /* y[m * ldy + r] = sum_k x[m, k] w[n + r, k] (* scale[n + r]) for r < 4. */                    \
+  /* y[m * ldy + r] = sum_k x[m, k] w[n + r, k] (* scale[n + r]) for r < 4. */                     \
   template <WType T, int MB>                                                                       \
-  void nk_block(const float* x, int64_t k_dim, const void* w, const float* scale, int64_t n,      \
+  void nk_block(const float* x, int64_t k_dim, const void* w, const float* scale, int64_t n,       \
                 float* y, int64_t ldy) {                                                           \
     f32x16 acc[MB][4] = {};                                                                        \
     for (int64_t k = 0; k < k_dim; k += 16) {                                                      \
       f32x16 wr[4];                                                                                \
-      for (int r = 0; r < 4; ++r) __builtin_prefetch(static_cast<const char*>(w) + ((n + kAhead + r) * k_dim + k) * kBytes<T>, 0, 3); \
+      if (((k * kBytes<T>) & 63) == 0)  /* once per cache line */                                  \
+        for (int r = 0; r < 4; ++r) __builtin_prefetch(static_cast<const char*>(w) + ((n + kAhead + r) * k_dim + k) * kBytes<T>, 0, 3);\
       for (int r = 0; r < 4; ++r) wr[r] = load16<T>(w, (n + r) * k_dim + k);                       \
       for (int m = 0; m < MB; ++m) {                                                               \
         const f32x16 xv = loadf(x + m * k_dim + k);                                                \
@@ -139,7 +134,7 @@ constexpr int64_t kMaxRows = 16;
   }                                                                                                \
                                                                                                    \
   /* c[i * ldc + l] += sum_{k < kc} w[i * ldw + k] xt[k * ldx + l] for i < NR, l < 16 MV: NR float32 */\
-  /* weight rows times an activation panel stored k-major (16 tokens per vector); the NR x MV */    \
+  /* weight rows times an activation panel stored k-major (16 tokens per vector); the NR x MV */   \
   /* accumulators stay in registers, each weight broadcast once per k. */                          \
   template <int NR, int MV>                                                                        \
   void op_block(const float* w, int64_t ldw, const float* xt, int64_t ldx, int64_t kc, float* c,   \
@@ -219,10 +214,33 @@ constexpr int64_t kMaxRows = 16;
     }                                                                                              \
   }                                                                                                \
                                                                                                    \
+  /* y = sum_k x[k] w[n, k] (* scale[n]), one weight row, four vectors in flight. Without 32 vector */\
+  /* registers one activation row reads its weight rows one at a time: `nk_block`'s four rows */   \
+  /* are four short streams a page apart (an int8 expert row is 1 KB), which AMD's prefetchers */  \
+  /* follow worse than one (BENCHMARKS.md, "AVX2 machine"). */                                     \
+  template <WType T>                                                                               \
+  void nk_row1(const float* x, int64_t k_dim, const void* w, const float* scale, int64_t n, float* y) {\
+    f32x16 a0 = {}, a1 = {}, a2 = {}, a3 = {};                                                     \
+    const int64_t base = n * k_dim;                                                                \
+    int64_t k = 0;                                                                                 \
+    for (; k + 64 <= k_dim; k += 64) {                                                             \
+      a0 += loadf(x + k) * load16<T>(w, base + k);                                                 \
+      a1 += loadf(x + k + 16) * load16<T>(w, base + k + 16);                                       \
+      a2 += loadf(x + k + 32) * load16<T>(w, base + k + 32);                                       \
+      a3 += loadf(x + k + 48) * load16<T>(w, base + k + 48);                                       \
+    }                                                                                              \
+    for (; k < k_dim; k += 16) a0 += loadf(x + k) * load16<T>(w, base + k);                        \
+    *y = hsum((a0 + a1) + (a2 + a3)) * (scale ? scale[n] : 1.f);                                   \
+  }                                                                                                \
+                                                                                                   \
   /* y[m * ldy + (n - n0)] = sum_k x[m, k] w[n, k] (* scale[n]) for n in [n0, n1). */              \
   template <WType T>                                                                               \
-  void nk_rows(const float* x, int64_t m_rows, int64_t k_dim, const void* w, const float* scale,  \
+  void nk_rows(const float* x, int64_t m_rows, int64_t k_dim, const void* w, const float* scale,   \
                int64_t n0, int64_t n1, float* y, int64_t ldy) {                                    \
+    if (!kWide && m_rows == 1) {                                                                   \
+      for (int64_t n = n0; n < n1; ++n) nk_row1<T>(x, k_dim, w, scale, n, y + (n - n0));           \
+      return;                                                                                      \
+    }                                                                                              \
     for (int64_t n = n0; n < n1; n += 4) {                                                         \
       float* yn = y + (n - n0);                                                                    \
       int64_t m = 0;                                                                               \
@@ -278,6 +296,7 @@ inline f32x16 widen_bf16(const uint16_t* p) {
   const __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
   return (f32x16)_mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
 }
+inline float hsum(f32x16 v) { return _mm512_reduce_add_ps((__m512)v); }
 MJ_KERNEL_BODY
 }  // namespace avx512
 #pragma GCC pop_options
@@ -317,6 +336,13 @@ inline f32x16 widen_bf16(const uint16_t* p) {
   const __m256i hi = _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8))), 16);
   return {(f32x8)_mm256_castsi256_ps(lo), (f32x8)_mm256_castsi256_ps(hi)};
 }
+inline float hsum(f32x16 v) {
+  const __m256 s8 = (__m256)(v.lo + v.hi);
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps(s8, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
 MJ_KERNEL_BODY
 }  // namespace avx2
 #pragma GCC pop_options
@@ -342,6 +368,11 @@ inline f32x16 widen_bf16(const uint16_t* p) {
     std::memcpy(&r[0] + i, &bits, 4);
   }
   return r;
+}
+inline float hsum(f32x16 v) {
+  float s = 0.f;
+  for (int i = 0; i < 16; ++i) s += v[i];
+  return s;
 }
 MJ_KERNEL_BODY
 }  // namespace generic
