@@ -47,7 +47,8 @@ MAX_ROWS = 16          # activation rows per call (cpu_kernels.cc kMaxRows)
 # with its own 6x16 blocks: 1.3-1.7x at 40-151 tokens, 1.2x at 264, even at 384). The generic build
 # has no register blocking worth the name, so there the MoE kernel keeps to MAX_ROWS (`moe_max_rows`).
 MOE_MAX_ROWS = 384
-_ISAS = ("generic x86-64/portable C++", "AVX2+FMA", "AVX-512")
+_ISAS = ("generic x86-64/portable C++", "AVX2+FMA", "AVX-512")  # by `mj_isa()`
+_GENERIC = 0  # `mj_isa()` of the build without vector code
 _TARGETS = ("mj_linear", "mj_moe", "mj_read_probe")
 _WEIGHT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.int8)
 
@@ -98,7 +99,7 @@ def _weight_ok(w) -> bool:
 def moe_max_rows() -> int:
     """Tokens up to which the MoE layer may take the kernel on this processor (see MOE_MAX_ROWS)."""
     lib = _load()[0]
-    return MOE_MAX_ROWS if lib is not None and lib.mj_isa() != _ISAS.index("generic x86-64/portable C++") else MAX_ROWS
+    return MOE_MAX_ROWS if lib is not None and lib.mj_isa() != _GENERIC else MAX_ROWS
 
 
 def fits(rows: int, *weights, mesh=None, max_rows: int = MAX_ROWS) -> bool:
