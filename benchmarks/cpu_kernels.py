@@ -62,6 +62,15 @@ def gemv():
         del ws
 
 
+def loop_decode(c, p, cache, tok):
+    """STEPS batch-1 greedy steps of the decoder, lm_head and argmax alone (no sampling)."""
+    def body(i, state):
+        cache, tok = state
+        h, cache, _, _ = decoder(c, p, tok[:, None], None, cache)
+        return cache, jnp.argmax(lm_head(p, h[:, 0]), -1).astype(jnp.int32)
+    return jax.lax.fori_loop(0, STEPS, body, (cache, tok))
+
+
 def decode_breakdown():
     config = MixtralConfig.small()
     with tempfile.TemporaryDirectory() as tmp:
@@ -69,13 +78,6 @@ def decode_breakdown():
         checkpoint.save(path, config, init_params(config, seed=0))
         model = checkpoint.load(path)
     c, p = model.config, model.params
-
-    def loop_decode(p, cache, tok):
-        def body(i, state):
-            cache, tok = state
-            h, cache, _, _ = decoder(c, p, tok[:, None], None, cache)
-            return cache, jnp.argmax(lm_head(p, h[:, 0]), -1).astype(jnp.int32)
-        return jax.lax.fori_loop(0, STEPS, body, (cache, tok))
 
     def per_step(fn, make_args):
         jax.block_until_ready(fn(*make_args()))
@@ -87,7 +89,7 @@ def decode_breakdown():
             times.append(time.perf_counter() - start)
         return min(times) / STEPS
 
-    t_loop = per_step(jax.jit(loop_decode, donate_argnums=1),
+    t_loop = per_step(jax.jit(functools.partial(loop_decode, c), donate_argnums=1),
                       lambda: (p, dict(init_cache(c, 1, 64), lengths=jnp.array([5], jnp.int32)),
                                jnp.array([7], jnp.int32)))
     t_kernels = per_step(jax.jit(functools.partial(kernel_steps, c, parts=PARTS)),

@@ -13,6 +13,7 @@ matrix products take the CPU kernels, and an int8 model with lm_head quantized t
 
 import argparse
 import dataclasses
+import functools
 import tempfile
 import time
 
@@ -23,10 +24,11 @@ import numpy as np
 from mixtral_jax import bench, checkpoint, kernels, quant
 from mixtral_jax.config import MixtralConfig
 from mixtral_jax.kvcache import init_cache
-from mixtral_jax.model import decoder, init_params, lm_head
+from mixtral_jax.model import init_params
 from mixtral_jax.sampler import generate
 
-STEPS = 16
+from cpu_kernels import STEPS, loop_decode  # benchmarks/, this script's folder
+
 VARIANTS = ("on", "off", "moe-only", "linear-only")
 
 
@@ -43,13 +45,6 @@ def choose(variant, fits):
 def kernel_mix(model, rounds):
     c, p = model.config, model.params
 
-    def loop(p, cache, tok):
-        def body(i, state):
-            cache, tok = state
-            h, cache, _, _ = decoder(c, p, tok[:, None], None, cache)
-            return cache, jnp.argmax(lm_head(p, h[:, 0]), -1).astype(jnp.int32)
-        return jax.lax.fori_loop(0, STEPS, body, (cache, tok))
-
     def args():
         return p, dict(init_cache(c, 1, 64), lengths=jnp.array([5], jnp.int32)), jnp.array([7], jnp.int32)
 
@@ -57,7 +52,7 @@ def kernel_mix(model, rounds):
     try:
         for variant in VARIANTS:  # the choice is made while tracing
             kernels.fits = choose(variant, fits)
-            programs[variant] = jax.jit(loop, donate_argnums=1)
+            programs[variant] = jax.jit(functools.partial(loop_decode, c), donate_argnums=1)
             jax.block_until_ready(programs[variant](*args()))
     finally:
         kernels.fits = fits
