@@ -71,6 +71,12 @@ def loop_decode(c, p, cache, tok):
     return jax.lax.fori_loop(0, STEPS, body, (cache, tok))
 
 
+def loop_args(c, p):
+    """`loop_decode`'s inputs: the parameters, a fresh cache holding 5 positions and a first token
+    (the cache is donated, so each call needs its own)."""
+    return p, dict(init_cache(c, 1, 64), lengths=jnp.array([5], jnp.int32)), jnp.array([7], jnp.int32)
+
+
 def decode_breakdown():
     config = MixtralConfig.small()
     with tempfile.TemporaryDirectory() as tmp:
@@ -90,8 +96,7 @@ def decode_breakdown():
         return min(times) / STEPS
 
     t_loop = per_step(jax.jit(functools.partial(loop_decode, c), donate_argnums=1),
-                      lambda: (p, dict(init_cache(c, 1, 64), lengths=jnp.array([5], jnp.int32)),
-                               jnp.array([7], jnp.int32)))
+                      functools.partial(loop_args, c, p))
     t_kernels = per_step(jax.jit(functools.partial(kernel_steps, c, parts=PARTS)),
                          lambda: (p, jnp.ones((1, c.d_model)) * 0.01))
     prompts = [[5] * 16]

@@ -18,16 +18,14 @@ import tempfile
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from mixtral_jax import bench, checkpoint, kernels, quant
 from mixtral_jax.config import MixtralConfig
-from mixtral_jax.kvcache import init_cache
 from mixtral_jax.model import init_params
 from mixtral_jax.sampler import generate
 
-from cpu_kernels import STEPS, loop_decode  # benchmarks/, this script's folder
+from cpu_kernels import STEPS, loop_args, loop_decode  # benchmarks/, this script's folder
 
 VARIANTS = ("on", "off", "moe-only", "linear-only")
 
@@ -44,10 +42,7 @@ def choose(variant, fits):
 
 def kernel_mix(model, rounds):
     c, p = model.config, model.params
-
-    def args():
-        return p, dict(init_cache(c, 1, 64), lengths=jnp.array([5], jnp.int32)), jnp.array([7], jnp.int32)
-
+    args = functools.partial(loop_args, c, p)
     fits, programs = kernels.fits, {}
     try:
         for variant in VARIANTS:  # the choice is made while tracing
