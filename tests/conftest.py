@@ -1,5 +1,7 @@
 """Shared fixtures: tiny random HF Mixtral models built in process (no downloads)."""
 
+import os
+
 import numpy as np
 import pytest
 
@@ -42,6 +44,29 @@ def hf_logits(model, tokens) -> np.ndarray:
 
     with torch.inference_mode():
         return model(torch.as_tensor(np.asarray(tokens), dtype=torch.long)).logits.float().numpy()
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _compilation_cache(tmp_path_factory):
+    """One persistent XLA compilation cache for the session, shared with every subprocess a test
+    starts (through the environment): the suite starts dozens of `mixtral-jax` processes that compile
+    the same programs, and drops its own compiled programs after each module. Fresh each session, so
+    nothing carries over between runs; a cache the caller already chose is left alone."""
+    if "JAX_COMPILATION_CACHE_DIR" in os.environ:
+        yield
+        return
+    import jax
+
+    settings = {"jax_compilation_cache_dir": str(tmp_path_factory.mktemp("xla-cache")),
+                "jax_persistent_cache_min_compile_time_secs": 0.0,
+                "jax_persistent_cache_min_entry_size_bytes": -1}
+    for name, value in settings.items():
+        os.environ[name.upper()] = str(value)
+        jax.config.update(name, value)
+    yield
+    for name in settings:
+        os.environ.pop(name.upper())
+    jax.config.update("jax_compilation_cache_dir", None)
 
 
 @pytest.fixture
