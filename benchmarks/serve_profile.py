@@ -1,13 +1,16 @@
 """Where a served load's time goes: the `Engine` driven in process (threads, no HTTP) with
-serve_load.py's requests, each step timed by kind (with or without a prompt chunk) and by how many
-slots it decoded, then the same requests through static `generate` batches (BENCHMARKS.md,
-"Serving"). A profiling script: it wraps the engine's private `_deliver` to time each step.
+serve_load.py's requests, each step timed by kind (with or without a prompt chunk), by how many
+slots it decoded and by whether it ran before or after the last request was submitted (the tail,
+where fewer requests than slots are left), then the same requests through static `generate`
+batches (BENCHMARKS.md, "Serving"). A profiling script: it wraps the engine's private `_deliver`
+to time each step.
 
     python benchmarks/serve_profile.py [--concurrency 32] [--prefill-chunk 256] [--no-static]
 """
 
 import argparse
 import collections
+import itertools
 import os
 import sys
 import tempfile
@@ -40,7 +43,7 @@ def main():
     engine = Engine(model, slots=8, prefill_chunk=args.prefill_chunk, stop_tokens=[])
     engine.start()
 
-    steps, last = [], [None]
+    steps, last, last_submit = [], [None], [float("inf")]
     deliver = engine._deliver
 
     def timed_deliver(step):
@@ -48,7 +51,8 @@ def main():
         now = time.perf_counter()
         decoding, _, first, _ = step
         if last[0] is not None:
-            steps.append(("chunk" if first is not None else "decode", len(decoding), now - last[0]))
+            steps.append(("chunk" if first is not None else "decode", len(decoding), now - last[0],
+                          last[0] >= last_submit[0]))
         last[0] = now
 
     engine._deliver = timed_deliver
@@ -58,10 +62,12 @@ def main():
     steps.clear()
     last[0] = None
 
-    gate, finished = threading.Semaphore(args.concurrency), []
+    gate, finished, submitted = threading.Semaphore(args.concurrency), [], itertools.count(1)
 
     def one(r):
         with gate:
+            if next(submitted) == len(requests):
+                last_submit[0] = time.perf_counter()
             finished.append(engine.generate(r["prompt"], Options(max_new_tokens=r["max_tokens"]), timeout=900))
 
     start = time.perf_counter()
@@ -78,12 +84,12 @@ def main():
           f"{wall:.1f} s ({len(finished) / wall:.3f} req/s); short-prompt TTFT p99 {np.percentile(short, 99) * 1e3:.0f} ms "
           f"vs {idle_ttft * 1e3:.0f} ms idle")
     by_kind = collections.defaultdict(lambda: [0, 0.0])
-    for kind, n_decoding, seconds in steps:
-        by_kind[(kind, n_decoding)][0] += 1
-        by_kind[(kind, n_decoding)][1] += seconds
-    for (kind, n_decoding), (count, seconds) in sorted(by_kind.items()):
-        print(f"  {kind:>6} steps with {n_decoding} slots decoding: {count:4d}, {seconds:5.1f} s, "
-              f"{seconds / count * 1e3:4.0f} ms each")
+    for kind, n_decoding, seconds, tail in steps:
+        by_kind[(tail, kind, n_decoding)][0] += 1
+        by_kind[(tail, kind, n_decoding)][1] += seconds
+    for (tail, kind, n_decoding), (count, seconds) in sorted(by_kind.items()):
+        print(f"  {'tail' if tail else 'load'}: {kind:>6} steps with {n_decoding} slots decoding: {count:4d}, "
+              f"{seconds:5.1f} s, {seconds / count * 1e3:4.0f} ms each")
     if not args.no_static:
         static = static_batches(model, requests, 8)
         print(f"static batches of 8: {static['wall_s']:.1f} s; served / static {static['wall_s'] / wall:.2f}x")
