@@ -48,10 +48,11 @@ def hf_logits(model, tokens) -> np.ndarray:
 
 @pytest.fixture(autouse=True, scope="session")
 def _compilation_cache(tmp_path_factory):
-    """One persistent XLA compilation cache for the session, shared with every subprocess a test
-    starts (through the environment): the suite starts dozens of `mixtral-jax` processes that compile
-    the same programs, and drops its own compiled programs after each module. Fresh each session, so
-    nothing carries over between runs; a cache the caller already chose is left alone."""
+    """One persistent XLA compilation cache for the session (each pytest-xdist worker has its own),
+    shared with every subprocess a test starts (through the environment): the suite starts dozens of
+    `mixtral-jax` processes that compile the same programs, and drops its own compiled programs after
+    each module. Fresh each session, so nothing carries over between runs; a cache the caller already
+    chose is left alone."""
     if "JAX_COMPILATION_CACHE_DIR" in os.environ:
         yield
         return

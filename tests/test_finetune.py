@@ -39,6 +39,7 @@ def chat_ckpt(tmp_path_factory):
     return path
 
 
+@pytest.mark.slow
 def test_fsdp_steps_equal_one_device_and_shard_as_planned():
     """fsdp=8 and fsdp=4,expert=2 on 8 host devices (a fresh process: tests/fsdp_worker.py)."""
     proc = subprocess.run([sys.executable, str(Path(__file__).with_name("fsdp_worker.py"))], capture_output=True,
@@ -73,6 +74,7 @@ def test_lora_step_zero_is_the_base_model_and_only_the_adapter_gets_gradients():
     assert b_norm > 0  # b = 0 at the start, so the gradient flows into b first
 
 
+@pytest.mark.slow
 def test_lora_training_lowers_the_loss_and_resumes_with_identical_losses(tmp_path):
     """The README's example in small: LoRA on the demo model with the shipped chat sample."""
     demo = mj.load(demo_model_path(), dtype="float32", layout="stacked")

@@ -11,6 +11,7 @@ def test_there_are_notebooks():
     assert {p.stem for p in NOTEBOOKS} >= {"quickstart", "routing", "sharding"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
 def test_notebook_runs(path, tmp_path):
     import nbclient

@@ -257,6 +257,7 @@ def test_tiny_model_and_a_full_queue(tiny):
     assert c.completions.create(model="tiny-random", prompt="Hello", max_tokens=10, temperature=0).choices[0].text == want
 
 
+@pytest.mark.slow
 def test_two_processes_serve_like_one():
     """Process 0 serves HTTP, process 1 mirrors its device calls; 8 host devices over 2 processes."""
     import subprocess

@@ -41,7 +41,9 @@ def run_worker(*args):
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("mesh", [(1, 8, 1), (2, 4, 1), (1, 4, 2), (2, 2, 2)], ids=str)
+# One mesh in the quick run; the others (and every two-process test) are marked slow.
+@pytest.mark.parametrize("mesh", [(1, 8, 1)] + [pytest.param(m, marks=pytest.mark.slow)
+                                                for m in [(2, 4, 1), (1, 4, 2), (2, 2, 2)]], ids=str)
 def test_sharded_equals_one_device(ckpt, mesh):
     r = run_worker(ckpt, *mesh)
     assert r["devices"] == 8
@@ -60,6 +62,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_processes_form_one_mesh_and_generate_the_same_tokens(ckpt, tmp_path):
     prompts = [[1, 5, 9, 33], [1, 7], [1, 40, 41, 42, 43, 44, 45], [1, 99]]
     src = tmp_path / "in.jsonl"
@@ -80,6 +83,7 @@ def test_two_processes_form_one_mesh_and_generate_the_same_tokens(ckpt, tmp_path
     assert got == mj.generate(single, prompts, max_new_tokens=10)
 
 
+@pytest.mark.slow
 def test_two_process_stdout_equals_one_process_byte_for_byte():
     """Gloo prints "[Gloo] Rank N is connected to ..." from C++ on descriptor 1: it must reach
     stderr, not the results. Process 0 prints what a one-process run prints; process 1 nothing."""
