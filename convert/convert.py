@@ -111,15 +111,21 @@ def _generation_config(folder: str, config: MixtralConfig) -> str | None:
     return path if os.path.isfile(path) else None
 
 
+def project_manifest(ckpt: str) -> dict[str, Any]:
+    """The manifest of a project checkpoint; CheckpointError naming the folder when it is missing
+    or another format's."""
+    if detect_format(ckpt) != "orbax":
+        raise CheckpointError(f"{ckpt}: not a mixtral_jax checkpoint (no {MANIFEST})")
+    return read_manifest(ckpt)
+
+
 def export(ckpt: str, out: str, *, fmt: str) -> None:
     """Project checkpoint -> HF folder (sharded safetensors, index, config.json) or Mistral folder
     (consolidated.safetensors, params.json), in the checkpoint's dtype."""
     if fmt not in ("hf", "mistral"):
         raise CheckpointError(f"export format must be 'hf' or 'mistral', got {fmt!r}")
     ckpt = os.fspath(ckpt)
-    if detect_format(ckpt) != "orbax":
-        raise CheckpointError(f"{ckpt}: not a mixtral_jax checkpoint (no {MANIFEST})")
-    manifest = read_manifest(ckpt)
+    manifest = project_manifest(ckpt)
     if manifest.get("quantize"):
         raise CheckpointError(f"{ckpt}: int8-quantized checkpoints cannot be exported (convert the "
                               "original again without --quantize)")

@@ -27,10 +27,11 @@ import os
 
 import numpy as np
 
-from mixtral_jax.checkpoint import TOKENIZER_FILE, item_names, read_manifest, resolve_dtype, restore_item
+from mixtral_jax.checkpoint import TOKENIZER_FILE, item_names, resolve_dtype, restore_item
 from mixtral_jax.config import MixtralConfig
 from mixtral_jax.quant import dequantize
 
+from .convert import project_manifest
 from .errors import CheckpointError
 from .formats import export_keys, export_tensor
 
@@ -83,7 +84,7 @@ def export_gguf(ckpt: str, out: str, *, gguf_type: str = "f32") -> dict:
 
     if gguf_type not in GGUF_TYPES:
         raise CheckpointError(f"--gguf-type must be one of {', '.join(GGUF_TYPES)}, got {gguf_type!r}")
-    manifest = read_manifest(ckpt)
+    manifest = project_manifest(os.fspath(ckpt))
     config = manifest["config"]
     if config.sliding_window is not None:
         raise CheckpointError(f"{ckpt}: sliding_window={config.sliding_window}; llama.cpp's llama "

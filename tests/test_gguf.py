@@ -142,6 +142,7 @@ def test_bad_requests_exit_2_and_leave_nothing(model, tmp_path, capsys):
     assert main(["export", str(path), str(tmp_path / "hf"), "--format", "hf", "--gguf-type", "f16"]) == 2
     assert "--gguf-type goes with --format gguf" in capsys.readouterr().err
     assert export(tmp_path / "missing", tmp_path / "y.gguf") == 2
+    assert f"{tmp_path / 'missing'}: no such file or directory" in capsys.readouterr().err
     assert not (tmp_path / "y.gguf").exists()
     assert list(tmp_path.iterdir()) == [out]
 
