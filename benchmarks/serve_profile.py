@@ -23,26 +23,19 @@ sys.path.insert(0, os.path.dirname(__file__))
 from serve_load import draw_requests, static_batches  # noqa: E402
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--concurrency", type=int, default=32)
-    parser.add_argument("--prefill-chunk", type=int, default=256)
-    parser.add_argument("--requests", type=int, default=32)
-    parser.add_argument("--no-static", action="store_true")
-    args = parser.parse_args()
+def profile(model, requests: list, *, slots: int = 8, concurrency: int = 32, prefill_chunk: int = 256,
+            max_seq_len: int | None = None) -> dict:
+    """The requests through an in-process `Engine` at `concurrency` (threads), each step timed.
 
-    import mixtral_jax as mj
-    from mixtral_jax.checkpoint import save
+    Returns:
+      {"wall_s", "finished" (the Requests), "idle_ttft_s" (median of up to five short prompts sent
+      alone first), "steps": [(kind, slots decoding, seconds, in the tail)]}.
+    """
     from mixtral_jax.serving.engine import Engine, Options
 
-    config = mj.MixtralConfig.preset("small")
-    with tempfile.TemporaryDirectory() as tmp:
-        save(f"{tmp}/small", config, mj.init_params(config, seed=0), tokenizer=mj.Tokenizer().path)
-        model = mj.load(f"{tmp}/small")
-    requests = draw_requests(args.requests, 0, config.vocab_size, (16, 512), (16, 128))
-    engine = Engine(model, slots=8, prefill_chunk=args.prefill_chunk, stop_tokens=[])
+    engine = Engine(model, slots=slots, prefill_chunk=prefill_chunk, max_seq_len=max_seq_len, stop_tokens=[],
+                    max_queue=max(64, len(requests)))
     engine.start()
-
     steps, last, last_submit = [], [None], [float("inf")]
     deliver = engine._deliver
 
@@ -62,7 +55,7 @@ def main():
     steps.clear()
     last[0] = None
 
-    gate, finished, submitted = threading.Semaphore(args.concurrency), [], itertools.count(1)
+    gate, finished, submitted = threading.Semaphore(concurrency), [], itertools.count(1)
 
     def one(r):
         with gate:
@@ -78,21 +71,47 @@ def main():
         t.join(timeout=1800)
     wall = time.perf_counter() - start
     engine.shutdown()
+    return {"wall_s": wall, "finished": finished, "idle_ttft_s": idle_ttft, "steps": steps}
 
+
+def report(result: dict, label: str) -> None:
+    """Print a `profile` result: throughput, short-prompt TTFT against idle, and the steps by kind."""
+    finished, wall = result["finished"], result["wall_s"]
     short = [r.first_token_at - r.submitted for r in finished if len(r.prompt) <= 64]
-    print(f"served, concurrency {args.concurrency}, --prefill-chunk {args.prefill_chunk}: {len(finished)} requests in "
-          f"{wall:.1f} s ({len(finished) / wall:.3f} req/s); short-prompt TTFT p99 {np.percentile(short, 99) * 1e3:.0f} ms "
-          f"vs {idle_ttft * 1e3:.0f} ms idle")
+    p99 = f"{np.percentile(short, 99) * 1e3:.0f} ms" if short else "-"
+    print(f"served, {label}: {len(finished)} requests in {wall:.1f} s ({len(finished) / wall:.3f} req/s, "
+          f"{sum(len(r.tokens) for r in finished) / wall:.1f} tok/s); short-prompt TTFT p99 {p99} "
+          f"vs {result['idle_ttft_s'] * 1e3:.0f} ms idle")
     by_kind = collections.defaultdict(lambda: [0, 0.0])
-    for kind, n_decoding, seconds, tail in steps:
+    for kind, n_decoding, seconds, tail in result["steps"]:
         by_kind[(tail, kind, n_decoding)][0] += 1
         by_kind[(tail, kind, n_decoding)][1] += seconds
     for (tail, kind, n_decoding), (count, seconds) in sorted(by_kind.items()):
         print(f"  {'tail' if tail else 'load'}: {kind:>6} steps with {n_decoding} slots decoding: {count:4d}, "
-              f"{seconds:5.1f} s, {seconds / count * 1e3:4.0f} ms each")
+              f"{seconds:5.1f} s, {seconds / count * 1e3:6.1f} ms each")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--prefill-chunk", type=int, default=256)
+    parser.add_argument("--requests", type=int, default=32)
+    parser.add_argument("--no-static", action="store_true")
+    args = parser.parse_args()
+
+    import mixtral_jax as mj
+    from mixtral_jax.checkpoint import save
+
+    config = mj.MixtralConfig.preset("small")
+    with tempfile.TemporaryDirectory() as tmp:
+        save(f"{tmp}/small", config, mj.init_params(config, seed=0), tokenizer=mj.Tokenizer().path)
+        model = mj.load(f"{tmp}/small")
+    requests = draw_requests(args.requests, 0, config.vocab_size, (16, 512), (16, 128))
+    result = profile(model, requests, concurrency=args.concurrency, prefill_chunk=args.prefill_chunk)
+    report(result, f"concurrency {args.concurrency}, --prefill-chunk {args.prefill_chunk}")
     if not args.no_static:
         static = static_batches(model, requests, 8)
-        print(f"static batches of 8: {static['wall_s']:.1f} s; served / static {static['wall_s'] / wall:.2f}x")
+        print(f"static batches of 8: {static['wall_s']:.1f} s; served / static {static['wall_s'] / result['wall_s']:.2f}x")
 
 
 if __name__ == "__main__":
