@@ -58,7 +58,7 @@ def step_bytes(config, params, rows: int, context: int) -> float:
     return dense + touched * expert + leaf_bytes(params["lm_head"]) + kv
 
 
-def hbm_probe(gib: float = 4.0, runs: int = 10) -> float:
+def hbm_probe(gib: float = 2.0, runs: int = 10) -> float:
     """Read bandwidth (bytes/s) of a jitted sum over `gib` GiB of bfloat16 (median of `runs`)."""
     import jax
     import jax.numpy as jnp
@@ -128,7 +128,7 @@ def main():
             with open(args.out, "w") as f:
                 json.dump(results, f, indent=1)
 
-    probe = hbm_probe(gib=4.0 if results["backend"] != "cpu" else 0.25)
+    probe = hbm_probe(gib=2.0 if results["backend"] != "cpu" else 0.25)
     nominal_bw = nominal(device.device_kind)
     results["probe_gb_s"] = probe / 1e9
     print(f"{device.device_kind} ({results['backend']}, jax {jax.__version__}): sum probe {probe / 1e9:.0f} GB/s"
