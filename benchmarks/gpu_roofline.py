@@ -158,12 +158,10 @@ def main():
         requests = draw_requests(args.requests, 0, config.vocab_size, (16, 512), (16, 128))
         res = profile(model, requests, slots=args.slots, concurrency=args.requests, prefill_chunk=args.prefill_chunk,
                       max_seq_len=config.max_seq_len)
-        report(res, f"{args.slots} slots, {args.requests} requests at once, --prefill-chunk {args.prefill_chunk}")
+        label = f"{args.slots} slots, {args.requests} requests at once, --prefill-chunk {args.prefill_chunk}"
+        rates = report(res, label)
         full = [s for kind, n, s, _ in res["steps"] if kind == "decode" and n == args.slots]
-        finished = res["finished"]
-        results["engine"] = {"wall_s": res["wall_s"], "requests": len(finished),
-                             "req_s": len(finished) / res["wall_s"],
-                             "tok_s": sum(len(r.tokens) for r in finished) / res["wall_s"],
+        results["engine"] = {"wall_s": res["wall_s"], "requests": len(res["finished"]), **rates,
                              "idle_ttft_ms": res["idle_ttft_s"] * 1e3, "full_decode_steps": len(full)}
         if full:
             context = int(np.mean([len(r["prompt"]) + r["max_tokens"] / 2 for r in requests]))

@@ -74,14 +74,15 @@ def profile(model, requests: list, *, slots: int = 8, concurrency: int = 32, pre
     return {"wall_s": wall, "finished": finished, "idle_ttft_s": idle_ttft, "steps": steps}
 
 
-def report(result: dict, label: str) -> None:
-    """Print a `profile` result: throughput, short-prompt TTFT against idle, and the steps by kind."""
+def report(result: dict, label: str) -> dict:
+    """Print a `profile` result: throughput, short-prompt TTFT against idle, and the steps by kind.
+    Returns {"req_s", "tok_s"}."""
     finished, wall = result["finished"], result["wall_s"]
+    rates = {"req_s": len(finished) / wall, "tok_s": sum(len(r.tokens) for r in finished) / wall}
     short = [r.first_token_at - r.submitted for r in finished if len(r.prompt) <= 64]
     p99 = f"{np.percentile(short, 99) * 1e3:.0f} ms" if short else "-"
-    print(f"served, {label}: {len(finished)} requests in {wall:.1f} s ({len(finished) / wall:.3f} req/s, "
-          f"{sum(len(r.tokens) for r in finished) / wall:.1f} tok/s); short-prompt TTFT p99 {p99} "
-          f"vs {result['idle_ttft_s'] * 1e3:.0f} ms idle")
+    print(f"served, {label}: {len(finished)} requests in {wall:.1f} s ({rates['req_s']:.3f} req/s, "
+          f"{rates['tok_s']:.1f} tok/s); short-prompt TTFT p99 {p99} vs {result['idle_ttft_s'] * 1e3:.0f} ms idle")
     by_kind = collections.defaultdict(lambda: [0, 0.0])
     for kind, n_decoding, seconds, tail in result["steps"]:
         by_kind[(tail, kind, n_decoding)][0] += 1
@@ -89,6 +90,7 @@ def report(result: dict, label: str) -> None:
     for (tail, kind, n_decoding), (count, seconds) in sorted(by_kind.items()):
         print(f"  {'tail' if tail else 'load'}: {kind:>6} steps with {n_decoding} slots decoding: {count:4d}, "
               f"{seconds:5.1f} s, {seconds / count * 1e3:6.1f} ms each")
+    return rates
 
 
 def main():
@@ -111,7 +113,8 @@ def main():
     report(result, f"concurrency {args.concurrency}, --prefill-chunk {args.prefill_chunk}")
     if not args.no_static:
         static = static_batches(model, requests, 8)
-        print(f"static batches of 8: {static['wall_s']:.1f} s; served / static {static['wall_s'] / result['wall_s']:.2f}x")
+        print(f"static batches of 8: {static['wall_s']:.1f} s; "
+              f"served / static {static['wall_s'] / result['wall_s']:.2f}x")
 
 
 if __name__ == "__main__":
