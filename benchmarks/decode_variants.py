@@ -1,5 +1,5 @@
 """Batch-1 decode variants side by side in one process (BENCHMARKS.md, "AVX2 machine"): which
-matrix products take the CPU kernels, and an int8 model with lm_head quantized too.
+matrix products take the CPU kernels, and an int8 model with lm_head in three dtypes.
 
     python benchmarks/decode_variants.py [--rounds 4]
 
@@ -7,8 +7,9 @@ matrix products take the CPU kernels, and an int8 model with lm_head quantized t
    model, traced four ways: every product on the kernels ("on"), none ("off"), only the MoE layers
    ("moe-only"), only the projections and lm_head ("linear-only"); ms per step, rounds alternating.
 2. `generate`'s batch-1 decode of the same weights in int8 (`load(quantize="int8")`, lm_head in
-   float32) and with lm_head quantized as well (in memory, one scale per vocabulary entry: what
-   llama.cpp's q8_0 export does; not what `load` does), tok/s, rounds alternating.
+   bfloat16), with lm_head in float32 (what `load` kept before) and with lm_head quantized as well
+   (in memory, one scale per vocabulary entry: what llama.cpp's q8_0 export does; not what `load`
+   does), tok/s, rounds alternating.
 """
 
 import argparse
@@ -68,8 +69,10 @@ def kernel_mix(model, rounds):
 
 def head_in_int8(path, rounds):
     shipped = checkpoint.load(path, quantize="int8")
-    head = dataclasses.replace(shipped, params={**shipped.params,
-                                                "lm_head": quant.quantize_int8(shipped.params["lm_head"], (0,))})
+    head = checkpoint.load(path).params["lm_head"]  # float32
+
+    def with_head(w):
+        return dataclasses.replace(shipped, params={**shipped.params, "lm_head": w})
     prompt = [np.random.default_rng(0).integers(3, shipped.config.vocab_size, 16).tolist()]
 
     def step(model):
@@ -77,10 +80,13 @@ def head_in_int8(path, rounds):
                                lambda: generate(model, prompt, max_new_tokens=bench.DECODE_TOKENS + 1, stop_tokens=[]),
                                bench.DECODE_TOKENS, 3)
 
-    rates = {"lm_head float32 (as shipped)": [], "lm_head int8 (experiment)": []}
+    models = {"lm_head bfloat16 (as shipped)": shipped, "lm_head float32 (as before)": with_head(head),
+              "lm_head int8 (experiment)": with_head(quant.quantize_int8(head, (0,)))}
+    del head
+    rates = {name: [] for name in models}
     for _ in range(rounds):
-        for r, model in zip(rates.values(), (shipped, head)):
-            r.append(1 / step(model))
+        for name, model in models.items():
+            rates[name].append(1 / step(model))
     for name, r in rates.items():
         print(f"int8 decode batch 1, {name}: {' '.join(f'{x:.1f}' for x in r)} tok/s (median {np.median(r):.1f})")
 

@@ -27,7 +27,7 @@ import numpy as np
 
 from .config import MixtralConfig
 from .generation_config import read as read_generation_config, write as write_generation_config
-from .quant import CONTRACTED, MODES as QUANT_MODES, quantize_layer
+from .quant import CONTRACTED, MODES as QUANT_MODES, quantize_globals, quantize_layer
 from .model import Model, ParamSpec, default_dtype, default_layout, layer_name, param_specs, split_layer
 from .sharding import sharding_for
 from .tokenizer import Tokenizer
@@ -239,8 +239,9 @@ def load(path, *, dtype=None, mesh=None, layout=None, quantize=None, adapter=Non
         `load` with the same mesh.
       layout: "stacked" (canonical [E, ...] expert weights) or "split" (per-expert leaves); None
         for split on CPU without a mesh, stacked otherwise (see mixtral_jax.model).
-      quantize: None, or "int8" for int8 weight-only expert and attention matrices (see
-        mixtral_jax.quant). A checkpoint converted with `--quantize int8` loads quantized anyway.
+      quantize: None, or "int8" for int8 weight-only expert and attention matrices and a bfloat16
+        lm_head (see mixtral_jax.quant). A checkpoint converted with `--quantize int8` loads
+        quantized anyway.
       adapter: a LoRA adapter folder (`finetune --lora` writes OUT/adapter): the model runs the base
         weights plus the adapter, unmerged (mixtral_jax.lora); not with int8.
     Returns:
@@ -273,6 +274,9 @@ def load(path, *, dtype=None, mesh=None, layout=None, quantize=None, adapter=Non
         leaves = split_layer(leaves) if layout == "split" else leaves
         return quantize_layer(leaves) if quantize else leaves
 
+    def arrange_globals(leaves):
+        return quantize_globals(leaves) if quantize else leaves
+
     log.info("loading %s (%s checkpoint) as %s%s", path, fmt, dt, "" if mesh is None else f" onto {mesh}")
     params: dict[str, Any] = {}
     if fmt == "orbax":
@@ -280,8 +284,8 @@ def load(path, *, dtype=None, mesh=None, layout=None, quantize=None, adapter=Non
         shard = None if mesh is None else (lambda spec: sharding_for(spec.shape, spec.axes, mesh))
         for item in item_names(config):
             leaves = restore_item(path, config, item, dt, shard, stored_quant)
-            if item != "globals":
-                leaves = arrange(leaves)  # on host arrays, splitting makes views, not copies
+            # on host arrays, splitting makes views, not copies
+            leaves = arrange_globals(leaves) if item == "globals" else arrange(leaves)
             if mesh is None:
                 leaves = jax.tree.map(jnp.asarray, leaves)
             _place(params, item, leaves)
@@ -300,7 +304,7 @@ def load(path, *, dtype=None, mesh=None, layout=None, quantize=None, adapter=Non
                                                 lambda index: a[index])
 
         for item, leaves in iter_params(config, fmt, open_source(path, fmt), put):
-            _place(params, item.name, leaves if item.layer is None else arrange(leaves))
+            _place(params, item.name, arrange_globals(leaves) if item.layer is None else arrange(leaves))
             release_freed_memory()
     tok_path = os.path.join(path, TOKENIZER_FILE)
     try:

@@ -33,7 +33,7 @@ from .attention import DEFAULT_BLOCK
 from .kvcache import is_int8
 from .model import ParamSpec, init_cache, init_params, param_specs
 from .moe import DEFAULT_GROUP_SIZE
-from .quant import CONTRACTED
+from .quant import CONTRACTED, HEAD_DTYPE
 from .sharding import shard_shape
 
 GROUPS = {"embed": "embeddings", "lm_head": "embeddings", "wq": "attention", "wk": "attention",
@@ -60,7 +60,7 @@ def plan_memory(config: MixtralConfig, mesh_sizes: dict[str, int], *, dtype="bfl
       max_seq_len: KV cache length per row (default: the model's context).
       prompt_len: prefill length per row for the activation estimate.
       quantize: "int8" for int8 expert and attention matrices (1 byte each plus a float32 scale
-        per output channel, as mixtral_jax.quant stores them).
+        per output channel) and a bfloat16 lm_head, as mixtral_jax.quant stores them.
       kv_dtype: KV cache dtype ("int8": 1 byte per number plus a float32 scale per token and head,
         mixtral_jax.kvcache); None for `dtype`.
       prefill_chunk: prompt tokens per prefill step (None or 0: the whole prompt).
@@ -84,6 +84,8 @@ def plan_memory(config: MixtralConfig, mesh_sizes: dict[str, int], *, dtype="bfl
             kept = {a % len(spec.shape) for a in CONTRACTED[leaf]}
             scale = tuple(1 if a in kept else n for a, n in enumerate(shaped.shape))
             n_bytes = _bytes(shaped.shape, spec.axes, mesh_sizes, 1) + _bytes(scale, spec.axes, mesh_sizes, 4)
+        elif quantize and leaf == "lm_head":
+            n_bytes = _bytes(shaped.shape, spec.axes, mesh_sizes, np.dtype(HEAD_DTYPE).itemsize)
         else:
             n_bytes = _bytes(shaped.shape, spec.axes, mesh_sizes, itemsize)
         weights[GROUPS[leaf]] += n_bytes

@@ -2,10 +2,18 @@
 
 A quantized weight is a dict {"q": int8 [same shape], "scale": float32 [shape with the contracted
 axes kept as 1]}, so `q * scale` broadcasts back without knowing which axes were contracted.
-Expert and attention matrices are quantized; embeddings, lm_head, norms and the router are not.
+Expert and attention matrices are quantized; embeddings, norms and the router are not, and lm_head
+is kept in bfloat16 (`HEAD_DTYPE`) whatever the float dtype the model loads in: the precision
+Mixtral's checkpoints ship it in, so for them nothing is lost, and what bitsandbytes, GPTQ and AWQ
+leave it in. On GPU/TPU that is the default dtype anyway; on CPU, where the default is float32, it
+halves what a decode step reads for the vocabulary projection (40% of an int8 step's bytes on the
+`small` config, ~1% for Mixtral 8x7B), and the CPU kernels read bfloat16 at memory speed. Rounding
+it to int8 as well, as llama.cpp's q8_0 does, was measured and not kept: it cost the demo model
+greedy agreement with float32 (BENCHMARKS.md, "AVX2 machine").
 The point is memory (Mixtral 8x7B in int8 is ~47 GB and fits one 80 GB GPU): weights are
-dequantized where they are used, which XLA fuses into the matmul on GPU/TPU; on CPU it costs
-a float copy of each weight read (see BENCHMARKS.md).
+dequantized where they are used, which XLA fuses into the matmul on GPU/TPU; on CPU the decode
+kernels widen them in registers (mixtral_jax.kernels), and the pure-JAX path makes a float copy of
+each weight read (see BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ import jax.numpy as jnp
 CONTRACTED = {"wq": (0,), "wk": (0,), "wv": (0,), "wo": (0, 1), "w_gate": (-2,), "w_up": (-2,),
               "w_down": (-2,)}
 MODES = (None, "int8")
+HEAD_DTYPE = jnp.bfloat16  # lm_head's dtype in an int8 model (see the module docstring)
 
 
 def is_quantized(w) -> bool:
@@ -53,9 +62,19 @@ def quantize_layer(layer: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def quantize_globals(leaves: dict[str, Any]) -> dict[str, Any]:
+    """The non-layer parameters of an int8 model: lm_head in HEAD_DTYPE, the rest unchanged."""
+    out = dict(leaves)
+    if "lm_head" in out:
+        out["lm_head"] = out["lm_head"].astype(HEAD_DTYPE)
+    return out
+
+
 def quantize_params(params: dict[str, Any]) -> dict[str, Any]:
-    """Every layer of a parameter pytree quantized (see `quantize_layer`)."""
-    return {k: quantize_layer(v) if k.startswith("layers_") else v for k, v in params.items()}
+    """A parameter pytree as an int8 model: every layer through `quantize_layer`, the globals
+    through `quantize_globals`."""
+    layers = {k: quantize_layer(v) for k, v in params.items() if k.startswith("layers_")}
+    return {**quantize_globals({k: v for k, v in params.items() if not k.startswith("layers_")}), **layers}
 
 
 def take_expert(w, e):

@@ -50,9 +50,13 @@ def test_convert_quantize_and_load(tmp_path, rng):
     assert summary["quantize"] == "int8"
     model = mj.load(tmp_path / "q")
     assert model.params["layers_0"]["wq"]["q"].dtype == jnp.int8
+    # lm_head in bfloat16 whatever the float dtype (mixtral_jax.quant); the embedding stays float32
+    assert model.params["lm_head"].dtype == jnp.bfloat16 and model.params["embed"].dtype == jnp.float32
     tokens = rng.integers(0, TINY.vocab_size, (2, 20))
     assert kl(mj.forward(TINY, params, tokens), model(tokens)).max() < KL_LIMIT
     on_the_fly = mj.load(tmp_path / "hf", quantize="int8")
+    assert on_the_fly.params["lm_head"].dtype == jnp.bfloat16
+    assert mj.load(tmp_path / "hf").params["lm_head"].dtype == jnp.float32
     np.testing.assert_allclose(np.asarray(on_the_fly(tokens)), np.asarray(model(tokens)), atol=1e-5)
     with pytest.raises(ValueError, match="cannot be exported"):
         from mixtral_convert import export
@@ -66,3 +70,13 @@ def test_plan_int8_8x7b_fits_one_80gb_gpu():
     expert_params = 45_097_156_608
     assert expert_params <= p["weights"]["experts"] < expert_params * 1.001  # 1 byte + scales
     assert 46e9 < p["weights_total"] < 48e9 and p["total"] < 80e9
+
+
+def test_plan_int8_counts_lm_head_in_bfloat16():
+    c = mj.MixtralConfig.small()
+    mesh = {"data": 1, "expert": 1, "tensor": 1}
+    full = plan_memory(c, mesh, dtype="float32", quantize=None)
+    int8 = plan_memory(c, mesh, dtype="float32", quantize="int8")
+    assert quantize_params(mj.init_params(c, seed=0))["lm_head"].dtype == jnp.bfloat16
+    # embed stays float32, lm_head goes from 4 bytes a number to 2
+    assert full["weights"]["embeddings"] - int8["weights"]["embeddings"] == 2 * c.vocab_size * c.d_model
