@@ -4,12 +4,13 @@ A quantized weight is a dict {"q": int8 [same shape], "scale": float32 [shape wi
 axes kept as 1]}, so `q * scale` broadcasts back without knowing which axes were contracted.
 Expert and attention matrices are quantized; embeddings, norms and the router are not, and lm_head
 is kept in bfloat16 (`HEAD_DTYPE`) whatever the float dtype the model loads in: the precision
-Mixtral's checkpoints ship it in, so for them nothing is lost, and what bitsandbytes, GPTQ and AWQ
-leave it in. On GPU/TPU that is the default dtype anyway; on CPU, where the default is float32, it
-halves what a decode step reads for the vocabulary projection (40% of an int8 step's bytes on the
-`small` config, ~1% for Mixtral 8x7B), and the CPU kernels read bfloat16 at memory speed. Rounding
-it to int8 as well, as llama.cpp's q8_0 does, was measured and not kept: it cost the demo model
-greedy agreement with float32 (BENCHMARKS.md, "AVX2 machine").
+Mixtral's checkpoints ship it in, so for them nothing is lost (bitsandbytes, GPTQ and AWQ also
+leave it unquantized in 16 bits). On GPU/TPU that is the default dtype anyway; on CPU, where the
+default is float32, it halves what a decode step reads for the vocabulary projection (40% of an
+int8 step's bytes on the `small` config, ~1% for Mixtral 8x7B), and the CPU kernels read bfloat16
+at memory speed. Rounding it to int8 as well, as llama.cpp's q8_0 does, was measured and not kept:
+it cost the demo model greedy agreement with float32 (BENCHMARKS.md, "AVX2 machine").
+
 The point is memory (Mixtral 8x7B in int8 is ~47 GB and fits one 80 GB GPU): weights are
 dequantized where they are used, which XLA fuses into the matmul on GPU/TPU; on CPU the decode
 kernels widen them in registers (mixtral_jax.kernels), and the pure-JAX path makes a float copy of
