@@ -69,7 +69,7 @@ def kernel_mix(model, rounds):
 
 def head_in_int8(path, rounds):
     shipped = checkpoint.load(path, quantize="int8")
-    head = checkpoint.load(path).params["lm_head"]  # float32
+    head = jax.numpy.asarray(checkpoint.restore_item(path, shipped.config, "globals", np.float32)["lm_head"])
 
     def with_head(w):
         return dataclasses.replace(shipped, params={**shipped.params, "lm_head": w})

@@ -47,6 +47,8 @@ def main():
     pairs = [tuple(p.split(":")) for p in args.pairs.split(",")]
     if args.rounds < 1 or any(len(p) != 2 or p[0] not in PAIRS or p[1] not in bench.LLAMA_TYPES for p in pairs):
         parser.error(f"--rounds >= 1 and --pairs from {PAIRS} (theirs one of {bench.LLAMA_TYPES})")
+    if not (os.path.isfile(args.llama_bench) and os.access(args.llama_bench, os.X_OK)):
+        parser.error(f"--llama-bench {args.llama_bench}: not an executable file")
     from mixtral_convert.gguf_export import export_gguf
 
     def body(_hf, ckpt):

@@ -53,7 +53,7 @@ def step_bytes(config, params, rows: int, context: int) -> float:
     dense = sum(leaf_bytes({k: v for k, v in p.items() if k not in experts}) for p in layers)
     expert = sum(leaf_bytes([p[k] for k in experts]) for p in layers) / config.n_experts
     touched = config.n_experts * (1 - (1 - config.top_k / config.n_experts) ** rows)
-    kv_itemsize = params["lm_head"].dtype.itemsize  # the cache takes the float parameters' dtype
+    kv_itemsize = params["embed"].dtype.itemsize  # the cache takes the embedding's dtype (sampler.py)
     kv = 2 * config.n_layers * rows * context * config.n_kv_heads * config.head_dim * kv_itemsize
     return dense + touched * expert + leaf_bytes(params["lm_head"]) + kv
 

@@ -64,7 +64,8 @@ def quantize_layer(layer: dict[str, Any]) -> dict[str, Any]:
 
 
 def quantize_globals(leaves: dict[str, Any]) -> dict[str, Any]:
-    """The non-layer parameters of an int8 model: lm_head in HEAD_DTYPE, the rest unchanged."""
+    """Parameters with lm_head (if among them) in HEAD_DTYPE and the rest unchanged: the
+    non-layer part of an int8 model."""
     out = dict(leaves)
     if "lm_head" in out:
         out["lm_head"] = out["lm_head"].astype(HEAD_DTYPE)
@@ -72,10 +73,9 @@ def quantize_globals(leaves: dict[str, Any]) -> dict[str, Any]:
 
 
 def quantize_params(params: dict[str, Any]) -> dict[str, Any]:
-    """A parameter pytree as an int8 model: every layer through `quantize_layer`, the globals
-    through `quantize_globals`."""
-    layers = {k: quantize_layer(v) for k, v in params.items() if k.startswith("layers_")}
-    return {**quantize_globals({k: v for k, v in params.items() if not k.startswith("layers_")}), **layers}
+    """A parameter pytree as an int8 model: every layer through `quantize_layer`, the rest through
+    `quantize_globals`."""
+    return quantize_globals({k: quantize_layer(v) if k.startswith("layers_") else v for k, v in params.items()})
 
 
 def take_expert(w, e):
