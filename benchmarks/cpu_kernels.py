@@ -1,7 +1,7 @@
 """CPU decode kernels beside XLA, and where a float32 decode step's time goes (BENCHMARKS.md,
 "CPU decode kernels").
 
-    python benchmarks/cpu_kernels.py
+    python benchmarks/cpu_kernels.py [--quantize int8] [--no-gemv]
 
 1. Matrix-vector products over ~1 GB of weights (so nothing is served from L3), lm_head- and
    attention-shaped: XLA's float32 dot vs the kernels' [in, out] loop with float32, int8 and
@@ -9,9 +9,11 @@
 2. On a random `small` model: a `generate` decode step, the decoder + lm_head + argmax alone (16
    steps in one jitted loop), the kernels alone on the same weights, and the step's bytes at the
    best read probe; then the kernels by part (attention projections, MoE, lm_head, all).
-   Everything in one process, side by side.
+   Everything in one process, side by side. `--quantize int8` loads that model in int8 (as
+   `load(quantize="int8")` does: lm_head in bfloat16); `--no-gemv` skips part 1.
 """
 
+import argparse
 import functools
 import tempfile
 import time
@@ -77,12 +79,22 @@ def loop_args(c, p):
     return p, dict(init_cache(c, 1, 64), lengths=jnp.array([5], jnp.int32)), jnp.array([7], jnp.int32)
 
 
-def decode_breakdown():
+def part_bytes(c, p) -> dict[str, int]:
+    """Bytes a batch-1 step's kernels read, by part (plain or int8 weights; two experts a layer)."""
+    def nbytes(tree):
+        return sum(a.nbytes for a in jax.tree.leaves(tree))
+    layers = [p[f"layers_{i}"] for i in range(c.n_layers)]
+    return {"attention": sum(nbytes(l[w]) for l in layers for w in ("wq", "wk", "wv", "wo")),
+            "moe": sum(2 * nbytes(l[w][0]) for l in layers for w in ("w_gate", "w_up", "w_down")),
+            "lm_head": p["lm_head"].nbytes}
+
+
+def decode_breakdown(quantize=None):
     config = MixtralConfig.small()
     with tempfile.TemporaryDirectory() as tmp:
         path = f"{tmp}/ckpt"
         checkpoint.save(path, config, init_params(config, seed=0))
-        model = checkpoint.load(path)
+        model = checkpoint.load(path, quantize=quantize)
     c, p = model.config, model.params
 
     def per_step(fn, make_args):
@@ -103,8 +115,9 @@ def decode_breakdown():
     t_gen = bench.step_time(lambda: generate(model, prompts, max_new_tokens=1, stop_tokens=[]),
                             lambda: generate(model, prompts, max_new_tokens=STEPS + 1, stop_tokens=[]), STEPS, 3)
     probe = bench.machine_probes()["read_bandwidth"]
-    nbytes = bench.active_step_bytes(c, 1)
-    print(f"small, batch 1 ({kernels.status()}): generate step {t_gen * 1e3:.1f} ms | decoder + lm_head + argmax "
+    nbytes = sum(part_bytes(c, p).values())
+    print(f"small {quantize or 'float32'}, batch 1 ({kernels.status()}): generate step {t_gen * 1e3:.1f} ms | "
+          f"decoder + lm_head + argmax "
           f"{t_loop * 1e3:.1f} ms | kernels alone {t_kernels * 1e3:.1f} ms | {nbytes / 1e6:.0f} MB at the best "
           f"probe ({probe / 1e9:.1f} GB/s) {nbytes / probe * 1e3:.1f} ms")
     decode_parts(c, p, t_kernels)
@@ -138,10 +151,7 @@ def decode_parts(c, p, t_all):
     with two experts each, lm_head) beside all of them in step order (`t_all`, per step). Alone,
     the attention projections and lm_head (~215 MB) can be served from a large L3; in a step, the
     MoE's stream evicts them."""
-    layers = [p[f"layers_{i}"] for i in range(c.n_layers)]
-    nbytes = {"attention": sum(l[w].size * 4 for l in layers for w in ("wq", "wk", "wv", "wo")),
-              "moe": sum(2 * l[w][0].size * 4 for l in layers for w in ("w_gate", "w_up", "w_down")),
-              "lm_head": p["lm_head"].size * 4}
+    nbytes = part_bytes(c, p)
     x = jnp.ones((1, c.d_model)) * 0.01
     times = {(part,): best(jax.jit(functools.partial(kernel_steps, c, parts=(part,))), p, x, n=2) / STEPS
              for part in PARTS}
@@ -152,5 +162,10 @@ def decode_parts(c, p, t_all):
 
 
 if __name__ == "__main__":
-    gemv()
-    decode_breakdown()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quantize", choices=["int8"])
+    parser.add_argument("--no-gemv", action="store_true")
+    args = parser.parse_args()
+    if not args.no_gemv:
+        gemv()
+    decode_breakdown(args.quantize)
