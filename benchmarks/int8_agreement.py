@@ -1,7 +1,8 @@
 """int8 weight-only quantization against float32 on the built-in (trained) demo model.
 
-Prints the share of free-running greedy tokens that match (10 prompts x 32 new tokens) and, on
-ordinary Python (notebooks/data/code.py, first 512 tokens), the per-token KL(float32 || int8) and
+Prints the share of free-running greedy tokens that match (10 prompts x 32 new tokens; the int8
+model both batched and one prompt at a time, since batch-1 decode takes its own int8 path on AVX2,
+mixtral_jax/kernels) and, on ordinary Python (notebooks/data/code.py, first 512 tokens), the per-token KL(float32 || int8) and
 the argmax agreement given the same prefix.
 
     python benchmarks/int8_agreement.py
@@ -25,11 +26,13 @@ def main():
     full = mj.load(demo_model_path())
     quant = mj.load(demo_model_path(), quantize="int8")
     a = mj.generate(full, PROMPTS, max_new_tokens=32, stop_tokens=[])
-    b = mj.generate(quant, PROMPTS, max_new_tokens=32, stop_tokens=[])
-    same = sum(x == y for ra, rb in zip(a, b) for x, y in zip(ra, rb))
-    prefix = [next((i for i, (x, y) in enumerate(zip(ra, rb)) if x != y), len(ra)) for ra, rb in zip(a, b)]
-    print(f"free-running greedy: {same}/{sum(map(len, a))} tokens equal position by position; "
-          f"tokens before the first difference per prompt: {prefix}")
+    batched = mj.generate(quant, PROMPTS, max_new_tokens=32, stop_tokens=[])
+    alone = [mj.generate(quant, [p], max_new_tokens=32, stop_tokens=[])[0] for p in PROMPTS]
+    for name, b in (("batched", batched), ("one prompt at a time", alone)):
+        same = sum(x == y for ra, rb in zip(a, b) for x, y in zip(ra, rb))
+        prefix = [next((i for i, (x, y) in enumerate(zip(ra, rb)) if x != y), len(ra)) for ra, rb in zip(a, b)]
+        print(f"free-running greedy, int8 {name}: {same}/{sum(map(len, a))} tokens equal position by position; "
+              f"tokens before the first difference per prompt: {prefix}")
     with open(TEXT) as f:
         ids = jnp.asarray([full.tokenizer.encode(f.read())[:512]])
     log_full = jax.nn.log_softmax(full(ids), axis=-1)

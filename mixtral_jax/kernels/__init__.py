@@ -5,7 +5,12 @@ of memory. XLA:CPU's dots reach that for float32 weights only; with bfloat16 or 
 run at a small fraction of it (DESIGN.md §2), so on CPU the model's fewer bytes bought nothing. The
 C++ kernels in `cpu_kernels.cc` (built at install time against jaxlib's XLA FFI headers) widen
 bf16/int8 weights to float32 in registers, prefetch weight rows ahead and spread output rows over a
-few spinning worker threads (one per core beyond the caller):
+few spinning worker threads (one per core beyond the caller). One exception to exact float32
+products: on AVX2 (`isa()` "avx2"), a single activation row against int8 [out, in] rows (the MoE
+layer at batch-1 decode) is rounded to int16 in blocks of 64 values, each within 2^-16 of its
+block's largest (256 times finer than the weights' int8 rounding), and multiplied in integers
+(`vpmaddwd`), as llama.cpp multiplies q8_0 weights by activations rounded to int8; that made int8
+decode's MoE ~1.3x faster there (BENCHMARKS.md, "AVX2 machine"). The kernels are:
 
   - `linear`: x [M, K] @ w [K, N] (attention projections, lm_head), float32/bfloat16/int8 weights
     (int8: per-output-channel scales, as `mixtral_jax.quant` stores them);
@@ -19,7 +24,7 @@ activation rows (`moe_max_rows()` for `moe`: 384 with AVX-512 or AVX2), every di
 weights float32/bfloat16/int8, the library built, and `MIXTRAL_JAX_CPU_KERNELS` is not "0".
 Otherwise the pure-JAX path runs; it is also the oracle (tests/test_kernels.py) and the backward
 pass (gradients are the pure path's `jax.vjp`), so the choice never changes what a program computes
-beyond summation order. `status()` says which path runs; it is logged once when a model first traces
+beyond summation order (and, for that one int8 case, the activation's int16 rounding). `status()` says which path runs; it is logged once when a model first traces
 on CPU. The choice is made while tracing, so it adds no compiled programs."""
 
 from __future__ import annotations
@@ -74,6 +79,13 @@ def status() -> str:
         return f"CPU kernels off ({ENV}=0): pure-JAX path"
     lib, why = _load()
     return f"CPU kernels on ({why})" if lib is not None else f"CPU kernels off ({why}): pure-JAX path"
+
+
+def isa() -> str | None:
+    """The instruction set the built kernels run with here: "avx512", "avx2", "generic", or None
+    when they are not built (whether they run at all: `status()`, `enabled()`)."""
+    lib = _load()[0]
+    return None if lib is None else ("generic", "avx2", "avx512")[lib.mj_isa()]
 
 
 @functools.cache
