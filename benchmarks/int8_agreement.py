@@ -2,8 +2,8 @@
 
 Prints the share of free-running greedy tokens that match (10 prompts x 32 new tokens; the int8
 model both batched and one prompt at a time, since batch-1 decode takes its own int8 path on AVX2,
-mixtral_jax/kernels) and, on ordinary Python (notebooks/data/code.py, first 512 tokens), the per-token KL(float32 || int8) and
-the argmax agreement given the same prefix.
+mixtral_jax/kernels) and, on ordinary Python (notebooks/data/code.py, first 512 tokens), the
+per-token KL(float32 || int8) and the argmax agreement given the same prefix.
 
     python benchmarks/int8_agreement.py
 """

@@ -9,8 +9,9 @@ few spinning worker threads (one per core beyond the caller). One exception to e
 products: on AVX2 (`isa()` "avx2"), a single activation row against int8 [out, in] rows (the MoE
 layer at batch-1 decode) is rounded to int16 in blocks of 64 values, each within 2^-16 of its
 block's largest (256 times finer than the weights' int8 rounding), and multiplied in integers
-(`vpmaddwd`), as llama.cpp multiplies q8_0 weights by activations rounded to int8; that made int8
-decode's MoE ~1.3x faster there (BENCHMARKS.md, "AVX2 machine"). The kernels are:
+(`vpmaddwd`), as llama.cpp multiplies q8_0 weights by activations rounded to int8; that made the
+MoE layers 1.14x and batch-1 int8 decode 1.15x faster there (BENCHMARKS.md, "AVX2 machine"). The
+kernels are:
 
   - `linear`: x [M, K] @ w [K, N] (attention projections, lm_head), float32/bfloat16/int8 weights
     (int8: per-output-channel scales, as `mixtral_jax.quant` stores them);
@@ -24,8 +25,9 @@ activation rows (`moe_max_rows()` for `moe`: 384 with AVX-512 or AVX2), every di
 weights float32/bfloat16/int8, the library built, and `MIXTRAL_JAX_CPU_KERNELS` is not "0".
 Otherwise the pure-JAX path runs; it is also the oracle (tests/test_kernels.py) and the backward
 pass (gradients are the pure path's `jax.vjp`), so the choice never changes what a program computes
-beyond summation order (and, for that one int8 case, the activation's int16 rounding). `status()` says which path runs; it is logged once when a model first traces
-on CPU. The choice is made while tracing, so it adds no compiled programs."""
+beyond summation order (and, in that one int8 case, the activation's int16 rounding). `status()`
+says which path runs; it is logged once when a model first traces on CPU. The choice is made while
+tracing, so it adds no compiled programs."""
 
 from __future__ import annotations
 
@@ -52,8 +54,8 @@ MAX_ROWS = 16          # activation rows per call (cpu_kernels.cc kMaxRows)
 # with its own 6x16 blocks: 1.3-1.7x at 40-151 tokens, 1.2x at 264, even at 384). The generic build
 # has no register blocking worth the name, so there the MoE kernel keeps to MAX_ROWS (`moe_max_rows`).
 MOE_MAX_ROWS = 384
-_ISAS = ("generic x86-64/portable C++", "AVX2+FMA", "AVX-512")  # by `mj_isa()`
-_GENERIC = 0  # `mj_isa()` of the build without vector code
+# (name, description) by `mj_isa()`
+_ISAS = (("generic", "generic x86-64/portable C++"), ("avx2", "AVX2+FMA"), ("avx512", "AVX-512"))
 _TARGETS = ("mj_linear", "mj_moe", "mj_read_probe")
 _WEIGHT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.int8)
 
@@ -70,7 +72,7 @@ def _load() -> tuple[Any, str]:
             jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, name)), platform="cpu")
     except (OSError, AttributeError) as error:
         return None, f"failed to load {found[0]}: {error}"
-    return lib, f"built, {_ISAS[lib.mj_isa()]}"
+    return lib, f"built, {_ISAS[lib.mj_isa()][1]}"
 
 
 def status() -> str:
@@ -85,7 +87,7 @@ def isa() -> str | None:
     """The instruction set the built kernels run with here: "avx512", "avx2", "generic", or None
     when they are not built (whether they run at all: `status()`, `enabled()`)."""
     lib = _load()[0]
-    return None if lib is None else ("generic", "avx2", "avx512")[lib.mj_isa()]
+    return None if lib is None else _ISAS[lib.mj_isa()][0]
 
 
 @functools.cache
@@ -110,8 +112,7 @@ def _weight_ok(w) -> bool:
 
 def moe_max_rows() -> int:
     """Tokens up to which the MoE layer may take the kernel on this processor (see MOE_MAX_ROWS)."""
-    lib = _load()[0]
-    return MOE_MAX_ROWS if lib is not None and lib.mj_isa() != _GENERIC else MAX_ROWS
+    return MOE_MAX_ROWS if isa() in ("avx2", "avx512") else MAX_ROWS
 
 
 def fits(rows: int, *weights, mesh=None, max_rows: int = MAX_ROWS) -> bool:

@@ -355,12 +355,13 @@ MJ_KERNEL_BODY
 // block of kQBlock (`quantize_i16`; within 2^-16 of the block's largest value, 2^8 finer than the
 // weights' own rounding) and multiplied by `vpmaddwd` on the weights widened to int16: one
 // widening instruction per 16 weights where the float path takes four (widen to int32, convert,
-// for both halves), which on this processor left the weight stream at ~80% of a bare read. Each
+// for both halves), which on this processor left the weight stream at 65-73% of a bare read. Each
 // 64-product block is summed in int32 (at most 4 * 2 * 32767 * 128, far from overflow) and scaled
 // into float32. Rows are prefetched kRowAhead bytes on: with the lighter loop the hardware
 // prefetchers alone no longer kept up. Measured with a C copy of the MoE decode pattern (8 layers
-// x 2 experts of `small`, 2 threads, alternating in one process): 1.25-1.35x the float path's
-// speed, at 90-95% of a bare threaded read of the same bytes (BENCHMARKS.md, "AVX2 machine").
+// x 2 experts of `small`, 2 threads, alternating in one process): 1.27-1.30x the float path's
+// speed, at 84-98% of a bare threaded read of the same bytes; in the library, the MoE layers
+// 1.14x and batch-1 int8 decode 1.15x (BENCHMARKS.md, "AVX2 machine").
 
 // q[i] = round(x[i] / s[i / kQBlock]), s = the block's largest |x| / 32767; false (q, s unusable)
 // when x holds a NaN or an infinity, which rounding would hide.
@@ -386,25 +387,27 @@ inline __m256i madd16(const int16_t* q, const int8_t* w) {
                            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q)));
 }
 
-// sum_k q[k] s[k / kQBlock] w[k] (k a multiple of 16).
+// sum_{i < n} q[i] w[i] in eight int32 lanes (n a multiple of 16, at most kQBlock).
+inline __m256i block_sum(const int16_t* q, const int8_t* w, int64_t n) {
+  __m256i sum = _mm256_setzero_si256();
+  for (int64_t i = 0; i < n; i += 16) sum = _mm256_add_epi32(sum, madd16(q + i, w + i));
+  return sum;
+}
+
+// sum_k q[k] s[k / kQBlock] w[k] (k a multiple of 16), two blocks in flight.
 float dot_i16(const int16_t* q, const float* s, const int8_t* w, int64_t k) {
   __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
   int64_t b = 0;
   for (; b + 2 * kQBlock <= k; b += 2 * kQBlock) {
     __builtin_prefetch(w + b + kRowAhead, 0, 3);
     __builtin_prefetch(w + b + kRowAhead + 64, 0, 3);
-    const __m256i s0 = _mm256_add_epi32(_mm256_add_epi32(madd16(q + b, w + b), madd16(q + b + 16, w + b + 16)),
-                                        _mm256_add_epi32(madd16(q + b + 32, w + b + 32), madd16(q + b + 48, w + b + 48)));
-    const __m256i s1 = _mm256_add_epi32(_mm256_add_epi32(madd16(q + b + 64, w + b + 64), madd16(q + b + 80, w + b + 80)),
-                                        _mm256_add_epi32(madd16(q + b + 96, w + b + 96), madd16(q + b + 112, w + b + 112)));
-    a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s0), _mm256_set1_ps(s[b / kQBlock]), a0);
-    a1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s1), _mm256_set1_ps(s[b / kQBlock + 1]), a1);
+    a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(block_sum(q + b, w + b, kQBlock)), _mm256_set1_ps(s[b / kQBlock]), a0);
+    a1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(block_sum(q + b + kQBlock, w + b + kQBlock, kQBlock)),
+                         _mm256_set1_ps(s[b / kQBlock + 1]), a1);
   }
-  for (; b < k; b += kQBlock) {
-    __m256i sum = _mm256_setzero_si256();
-    for (int64_t i = b; i < std::min(k, b + kQBlock); i += 16) sum = _mm256_add_epi32(sum, madd16(q + i, w + i));
-    a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), _mm256_set1_ps(s[b / kQBlock]), a0);
-  }
+  for (; b < k; b += kQBlock)
+    a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(block_sum(q + b, w + b, std::min(kQBlock, k - b))),
+                         _mm256_set1_ps(s[b / kQBlock]), a0);
   return hsum({(f32x8)a0, (f32x8)a1});
 }
 }  // namespace avx2
