@@ -108,6 +108,30 @@ def test_completion_chat_stream_usage_and_n(demo):
     assert two.usage.completion_tokens == sum(map(len, sampled))  # choice i samples with seed + i
 
 
+def test_a_batch_of_prompts_answers_each_prompt_as_alone(demo):
+    """OpenAI's completions take a list of prompts (LangChain always sends one): n choices per
+    prompt, indexed prompt by prompt, usage counting each prompt once."""
+    url, model = demo
+    c = client(url)
+    tok = model.tokenizer
+    prompts = ["def f(x):", "Once upon a time", "import numpy"]
+    want = [greedy_text(model, tok.encode(p), 8)[0] for p in prompts]
+    got = c.completions.create(model="demo", prompt=prompts, max_tokens=8, temperature=0, n=2)
+    assert [ch.index for ch in got.choices] == list(range(6))
+    assert [ch.text for ch in got.choices] == [w for w in want for _ in range(2)]
+    assert got.usage.prompt_tokens == sum(len(tok.encode(p)) for p in prompts)
+    assert got.usage.completion_tokens == 6 * 8
+    ids = c.completions.create(model="demo", prompt=[tok.encode(p) for p in prompts], max_tokens=8, temperature=0)
+    assert [ch.text for ch in ids.choices] == want
+    texts = {}
+    for chunk in c.completions.create(model="demo", prompt=prompts, max_tokens=8, temperature=0, stream=True,
+                                      stream_options={"include_usage": True}):
+        for ch in chunk.choices:
+            texts[ch.index] = texts.get(ch.index, "") + ch.text
+        usage = chunk.usage
+    assert texts == dict(enumerate(want)) and usage.completion_tokens == 3 * 8
+
+
 def test_logprobs_and_routing(demo):
     url, model = demo
     c = client(url)
@@ -204,6 +228,10 @@ BAD = [  # (endpoint, body or raw string, status, param)
     ("completions", {"model": "demo", "prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
     ("completions", {"model": "demo", "prompt": "hi", "presence_penalty": 3}, 400, "presence_penalty"),
     ("completions", {"model": "nope", "prompt": "hi"}, 404, "model"),
+    ("completions", {"model": "demo", "prompt": ["hi", ""]}, 400, "prompt"),
+    ("completions", {"model": "demo", "prompt": ["hi", 5]}, 400, "prompt"),
+    ("completions", {"model": "demo", "prompt": [[1, 5], [1, -3]]}, 400, "prompt"),
+    ("completions", {"model": "demo", "prompt": ["hi", "x " * 600], "max_tokens": 4}, 400, "prompt"),
     ("chat/completions", {"model": "demo", "messages": []}, 400, "messages"),
     ("chat/completions", {"model": "demo", "messages": [{"role": "user", "content": "a"},
                                                         {"role": "assistant", "content": "b"}]}, 400, "messages"),

@@ -39,11 +39,12 @@ def invalid(message: str, param: str | None = None) -> APIError:
 
 @dataclasses.dataclass
 class Parsed:
-    """A validated request."""
+    """A validated request: choice i is `prompts[i // n]` sampled with `options[i]` (OpenAI's order
+    for a batch of completion prompts, each with its n choices)."""
     kind: str                          # "completion" | "chat"
     model: str
-    prompt: list[int]
-    options: list[Options]             # one per choice (n), seeds differing when sampling
+    prompts: list[list[int]]           # a chat request or a single completion prompt: one
+    options: list[Options]             # one per choice, seeds differing when sampling
     stream: bool
     include_usage: bool
     logprobs: int | None               # alternatives per token to report; None: no logprobs
@@ -103,18 +104,17 @@ def parse(body: Any, kind: str, *, model_name: str, tokenizer, max_seq_len: int,
     if model != model_name:
         raise APIError(404, f"The model `{model}` does not exist; this server serves `{model_name}`",
                        param="model", code="model_not_found")
-    if kind == "completion":
-        prompt = _completion_prompt(body, tokenizer)
-    else:
-        prompt = _chat_prompt(body, tokenizer)
-    room = max_seq_len - len(prompt)
+    prompts = _completion_prompts(body, tokenizer) if kind == "completion" else [_chat_prompt(body, tokenizer)]
+    longest = max(len(p) for p in prompts)
+    room = max_seq_len - longest
     max_tokens = _number(body, "max_tokens", 1, integer=True)
     if kind == "chat":
         max_tokens = _number(body, "max_completion_tokens", 1, integer=True, default=max_tokens)
     if max_tokens is None:
         max_tokens = COMPLETION_DEFAULT_MAX_TOKENS if kind == "completion" else room
-    if max_tokens < 1 or len(prompt) + max_tokens > max_seq_len:
-        raise invalid(f"the prompt ({len(prompt)} tokens) plus max_tokens ({max_tokens}) exceeds the context "
+    if max_tokens < 1 or longest + max_tokens > max_seq_len:
+        which = "" if len(prompts) == 1 else f" {[len(p) for p in prompts].index(longest)}"
+        raise invalid(f"the prompt{which} ({longest} tokens) plus max_tokens ({max_tokens}) exceeds the context "
                       f"({max_seq_len} tokens)", "max_tokens" if room > 0 else "messages" if kind == "chat" else "prompt")
     temperature = _number(body, "temperature", 0, 2, default=defaults.get("temperature", 1.0))
     top_p = _number(body, "top_p", 0, 1, lo_open=True, default=defaults.get("top_p", 1.0))
@@ -135,23 +135,30 @@ def parse(body: Any, kind: str, *, model_name: str, tokenizer, max_seq_len: int,
     options = [Options(max_new_tokens=int(max_tokens), temperature=float(temperature), top_k=int(top_k),
                        top_p=float(top_p), min_p=float(min_p), repetition_penalty=float(repetition),
                        presence_penalty=float(presence), frequency_penalty=float(frequency),
-                       seed=(base + i) % 2**32, stop=_stop(body)) for i in range(n)]
-    return Parsed(kind, model, prompt, options, stream, include_usage, logprobs, _bool(body, "return_routing"))
+                       seed=(base + i) % 2**32, stop=_stop(body)) for i in range(n * len(prompts))]
+    return Parsed(kind, model, prompts, options, stream, include_usage, logprobs, _bool(body, "return_routing"))
 
 
-def _completion_prompt(body, tokenizer) -> list[int]:
+def _completion_prompts(body, tokenizer) -> list[list[int]]:
+    """`prompt` as OpenAI takes it: a string, a list of token ids, or a batch (a list) of either."""
     p = body.get("prompt")
-    if isinstance(p, list) and len(p) == 1 and isinstance(p[0], (str, list)):
-        p = p[0]  # a batch of one
-    if isinstance(p, str):
-        if not p:
-            raise invalid("prompt is empty", "prompt")
-        return tokenizer.encode(p, bos=True)
-    if isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool) for t in p):
-        if min(p) < 0 or max(p) >= tokenizer.vocab_size:
-            raise invalid(f"prompt token ids must lie in [0, {tokenizer.vocab_size})", "prompt")
-        return list(p)
-    raise invalid("prompt must be a non-empty string or a non-empty list of token ids", "prompt")
+    batch = isinstance(p, list) and bool(p) and all(isinstance(q, str) or (isinstance(q, list) and q) for q in p)
+    prompts = p if batch else [p]
+    out = []
+    for i, q in enumerate(prompts):
+        where = f"prompt {i}" if batch else "prompt"
+        if isinstance(q, str):
+            if not q:
+                raise invalid(f"{where} is empty", "prompt")
+            out.append(tokenizer.encode(q, bos=True))
+        elif isinstance(q, list) and q and all(isinstance(t, int) and not isinstance(t, bool) for t in q):
+            if min(q) < 0 or max(q) >= tokenizer.vocab_size:
+                raise invalid(f"{where}: token ids must lie in [0, {tokenizer.vocab_size})", "prompt")
+            out.append(list(q))
+        else:
+            raise invalid("prompt must be a non-empty string, a non-empty list of token ids, or a non-empty list "
+                          "of either", "prompt")
+    return out
 
 
 def _chat_prompt(body, tokenizer) -> list[int]:

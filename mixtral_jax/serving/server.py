@@ -3,7 +3,8 @@
 Endpoints: POST /v1/completions, POST /v1/chat/completions (streamed as server-sent events when
 `stream` is true), GET /v1/models, GET /health (503 until every program is compiled, then 200),
 GET /metrics (Prometheus text). Each HTTP request becomes `n` engine requests; their events reach
-the asyncio loop through `loop.call_soon_threadsafe` (no polling). A streaming client that goes
+the asyncio loop through `loop.call_soon_threadsafe` (no polling). A completion request with a batch
+of prompts becomes n engine requests per prompt, its choices indexed prompt by prompt as OpenAI's. A streaming client that goes
 away has its requests cancelled, which frees their slots before the engine's next step.
 """
 
@@ -66,8 +67,8 @@ class Metrics:
 class Choice:
     """One engine request's results as events arrive (asyncio side)."""
 
-    def __init__(self, index: int):
-        self.index = index
+    def __init__(self, index: int, prompt: list[int]):
+        self.index, self.prompt = index, prompt
         self.request = None
         self.text, self.tokens, self.logprobs, self.tops, self.offsets, self.routing = "", [], [], [], [], []
         self.finish_reason: str | None = None
@@ -82,21 +83,22 @@ class Run:
         self.server, self.parsed = server, parsed
         self.loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue = asyncio.Queue()
-        self.choices = [Choice(i) for i in range(len(parsed.options))]
+        n = len(parsed.options) // len(parsed.prompts)
+        self.choices = [Choice(i, parsed.prompts[i // n]) for i in range(len(parsed.options))]
         self.started = time.perf_counter()
 
     def submit(self) -> None:
         """Submit every choice; on a full queue cancel those already in and raise 429."""
         try:
             for c, opts in zip(self.choices, self.parsed.options):
-                c.request = self.server.engine.submit(self.parsed.prompt, opts, self._on_event(c))
+                c.request = self.server.engine.submit(c.prompt, opts, self._on_event(c))
         except QueueFull as e:
             self.cancel()
             raise APIError(429, str(e), code="queue_full", kind="rate_limit_error") from None
         except ValueError as e:
             self.cancel()
             raise invalid(str(e)) from None
-        self.server.metrics.prompt_tokens.inc(len(self.parsed.prompt) * len(self.choices))
+        self.server.metrics.prompt_tokens.inc(sum(len(c.prompt) for c in self.choices))
 
     def _on_event(self, c: Choice):
         return lambda event: self.loop.call_soon_threadsafe(self.queue.put_nowait, (c, event))
@@ -129,6 +131,10 @@ class Run:
 
     def pending(self) -> bool:
         return any(c.finish_reason is None for c in self.choices)
+
+    def usage(self) -> dict:
+        """OpenAI's usage: each prompt counted once, whatever its n."""
+        return usage(sum(len(p) for p in self.parsed.prompts), sum(len(c.tokens) for c in self.choices))
 
 
 class Server:
@@ -216,7 +222,7 @@ class Server:
         p = run.parsed
         out = {"id": new_id(p.kind), "created": now(), "model": p.model,
                "choices": [self._choice(p, c) for c in run.choices],
-               "usage": usage(len(p.prompt), sum(len(c.tokens) for c in run.choices))}
+               "usage": run.usage()}
         out["object"] = "text_completion" if p.kind == "completion" else "chat.completion"
         return out
 
@@ -276,7 +282,7 @@ class Server:
                 if e.finish_reason is not None or e.text or (new_tokens and (p.logprobs is not None or p.return_routing)):
                     yield chunk([piece(c, e.text, new_tokens, e.finish_reason)])
             if p.include_usage:
-                yield chunk([], usage=usage(len(p.prompt), sum(len(c.tokens) for c in run.choices)))
+                yield chunk([], usage=run.usage())
             yield "data: [DONE]\n\n"
         finally:  # also when the client went away: free the slots
             run.cancel()
