@@ -132,6 +132,24 @@ def test_a_batch_of_prompts_answers_each_prompt_as_alone(demo):
     assert texts == dict(enumerate(want)) and usage.completion_tokens == 3 * 8
 
 
+def test_echo_model_retrieval_and_unknown_routes(demo):
+    url, model = demo
+    c = client(url)
+    tok = model.tokenizer
+    prompt = "def f(x):"
+    want = tok.decode(tok.encode(prompt)) + greedy_text(model, tok.encode(prompt), 6)[0]
+    got = c.completions.create(model="demo", prompt=prompt, max_tokens=6, temperature=0, echo=True)
+    assert got.choices[0].text == want and want.startswith(prompt)
+    chunks = c.completions.create(model="demo", prompt=prompt, max_tokens=6, temperature=0, echo=True, stream=True)
+    assert "".join(ch.choices[0].text for ch in chunks) == want
+    assert c.models.retrieve("demo").id == "demo"
+    with pytest.raises(openai.NotFoundError):
+        c.models.retrieve("other")
+    for method, path, status in (("GET", "/v1/nothing", 404), ("DELETE", "/v1/models", 405)):
+        r = httpx.request(method, f"{url}{path}", timeout=10)
+        assert r.status_code == status and set(r.json()["error"]) == {"message", "type", "param", "code"}
+
+
 def test_logprobs_and_routing(demo):
     url, model = demo
     c = client(url)
@@ -232,6 +250,8 @@ BAD = [  # (endpoint, body or raw string, status, param)
     ("completions", {"model": "demo", "prompt": ["hi", 5]}, 400, "prompt"),
     ("completions", {"model": "demo", "prompt": [[1, 5], [1, -3]]}, 400, "prompt"),
     ("completions", {"model": "demo", "prompt": ["hi", "x " * 600], "max_tokens": 4}, 400, "prompt"),
+    ("completions", {"model": "demo", "prompt": "hi", "echo": True, "logprobs": 1}, 400, "echo"),
+    ("completions", {"model": "demo", "prompt": "hi", "echo": "yes"}, 400, "echo"),
     ("chat/completions", {"model": "demo", "messages": []}, 400, "messages"),
     ("chat/completions", {"model": "demo", "messages": [{"role": "user", "content": "a"},
                                                         {"role": "assistant", "content": "b"}]}, 400, "messages"),

@@ -37,6 +37,11 @@ def invalid(message: str, param: str | None = None) -> APIError:
     return APIError(400, message, param=param, code="invalid_value")
 
 
+def unknown_model(model: str, served: str) -> APIError:
+    return APIError(404, f"The model `{model}` does not exist; this server serves `{served}`", param="model",
+                    code="model_not_found")
+
+
 @dataclasses.dataclass
 class Parsed:
     """A validated request: choice i is `prompts[i // n]` sampled with `options[i]` (OpenAI's order
@@ -49,6 +54,7 @@ class Parsed:
     include_usage: bool
     logprobs: int | None               # alternatives per token to report; None: no logprobs
     return_routing: bool
+    echo: bool = False                 # completions: each choice's text starts with its prompt's
 
 
 def _number(body, name, lo=None, hi=None, *, lo_open=False, integer=False, default=None):
@@ -102,8 +108,7 @@ def parse(body: Any, kind: str, *, model_name: str, tokenizer, max_seq_len: int,
     if not isinstance(model, str) or not model:
         raise invalid("model is required (a string)", "model")
     if model != model_name:
-        raise APIError(404, f"The model `{model}` does not exist; this server serves `{model_name}`",
-                       param="model", code="model_not_found")
+        raise unknown_model(model, model_name)
     prompts = _completion_prompts(body, tokenizer) if kind == "completion" else [_chat_prompt(body, tokenizer)]
     longest = max(len(p) for p in prompts)
     room = max_seq_len - longest
@@ -131,12 +136,18 @@ def parse(body: Any, kind: str, *, model_name: str, tokenizer, max_seq_len: int,
         raise invalid("stream_options must be an object", "stream_options")
     include_usage = _bool(stream_options, "include_usage")
     logprobs = _logprobs(body, kind)
+    echo = kind == "completion" and _bool(body, "echo")
+    if echo and logprobs is not None:
+        # Prompt tokens' logprobs (what scoring harnesses ask echo for) are not computed here.
+        raise invalid("echo with logprobs is not supported (prompt token logprobs are not computed); "
+                      "use `mixtral-jax score` to score text", "echo")
     base = seed if seed is not None else random.randrange(2**31)
     options = [Options(max_new_tokens=int(max_tokens), temperature=float(temperature), top_k=int(top_k),
                        top_p=float(top_p), min_p=float(min_p), repetition_penalty=float(repetition),
                        presence_penalty=float(presence), frequency_penalty=float(frequency),
                        seed=(base + i) % 2**32, stop=_stop(body)) for i in range(n * len(prompts))]
-    return Parsed(kind, model, prompts, options, stream, include_usage, logprobs, _bool(body, "return_routing"))
+    return Parsed(kind, model, prompts, options, stream, include_usage, logprobs, _bool(body, "return_routing"),
+                  echo)
 
 
 def _completion_prompts(body, tokenizer) -> list[list[int]]:

@@ -18,10 +18,11 @@ import time
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .engine import Engine, Event, QueueFull
 from .protocol import (APIError, Parsed, chat_logprobs, completion_logprobs, invalid, new_id, now, parse,
-                       usage)
+                       unknown_model, usage)
 
 log = logging.getLogger(__name__)
 
@@ -160,6 +161,11 @@ class Server:
         async def validation_error(_request, e):
             return JSONResponse(invalid(str(e)).body(), status_code=400)
 
+        @app.exception_handler(StarletteHTTPException)
+        async def http_error(_request, e: StarletteHTTPException):  # an unknown route or method
+            return JSONResponse(APIError(e.status_code, str(e.detail), code="not_found" if e.status_code == 404
+                                         else None).body(), status_code=e.status_code)
+
         @app.get("/health")
         async def health():
             return Response(status_code=200 if engine.ready else 503)
@@ -170,10 +176,18 @@ class Server:
 
             return PlainTextResponse(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+        def model_card() -> dict:
+            return {"id": model_name, "object": "model", "created": now(), "owned_by": "mixtral_jax"}
+
         @app.get("/v1/models")
         async def models():
-            return {"object": "list", "data": [{"id": model_name, "object": "model", "created": now(),
-                                                "owned_by": "mixtral_jax"}]}
+            return {"object": "list", "data": [model_card()]}
+
+        @app.get("/v1/models/{model:path}")
+        async def model(model: str):
+            if model != model_name:
+                raise unknown_model(model, model_name)
+            return model_card()
 
         async def handle(request: Request, kind: str):
             if not engine.ready:
@@ -231,7 +245,8 @@ class Server:
         if p.kind == "completion":
             lp = None if p.logprobs is None else completion_logprobs(tok, c.tokens, c.logprobs, c.tops, c.offsets,
                                                                      p.logprobs)
-            choice = {"index": c.index, "text": c.text, "logprobs": lp, "finish_reason": c.finish_reason}
+            text = (tok.decode(c.prompt) if p.echo else "") + c.text
+            choice = {"index": c.index, "text": text, "logprobs": lp, "finish_reason": c.finish_reason}
         else:
             lp = None if p.logprobs is None else chat_logprobs(tok, c.tokens, c.logprobs, c.tops, p.logprobs)
             choice = {"index": c.index, "message": {"role": "assistant", "content": c.text}, "logprobs": lp,
@@ -271,6 +286,9 @@ class Server:
             if p.kind == "chat":
                 yield chunk([{"index": c.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                               "finish_reason": None} for c in run.choices])
+            elif p.echo:
+                yield chunk([{"index": c.index, "text": tok.decode(c.prompt), "logprobs": None, "finish_reason": None}
+                             for c in run.choices])
             while run.pending():
                 c, e = await run.queue.get()
                 run.record(c, e)
