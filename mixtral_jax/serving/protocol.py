@@ -48,7 +48,7 @@ class Parsed:
     for a batch of completion prompts, each with its n choices)."""
     kind: str                          # "completion" | "chat"
     model: str
-    prompts: list[list[int]]           # a chat request or a single completion prompt: one
+    prompts: list[list[int]]           # one, but for a completion request's batch of prompts
     options: list[Options]             # one per choice, seeds differing when sampling
     stream: bool
     include_usage: bool

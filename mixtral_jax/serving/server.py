@@ -1,11 +1,12 @@
 """`mixtral-jax serve`: an OpenAI-compatible HTTP server (FastAPI + uvicorn) on the engine.
 
 Endpoints: POST /v1/completions, POST /v1/chat/completions (streamed as server-sent events when
-`stream` is true), GET /v1/models, GET /health (503 until every program is compiled, then 200),
-GET /metrics (Prometheus text). Each HTTP request becomes `n` engine requests; their events reach
-the asyncio loop through `loop.call_soon_threadsafe` (no polling). A completion request with a batch
-of prompts becomes n engine requests per prompt, its choices indexed prompt by prompt as OpenAI's. A streaming client that goes
-away has its requests cancelled, which frees their slots before the engine's next step.
+`stream` is true), GET /v1/models and /v1/models/{name}, GET /health (503 until every program is
+compiled, then 200), GET /metrics (Prometheus text). Each HTTP request becomes `n` engine requests
+(a completion request with a batch of prompts, `n` per prompt, its choices indexed prompt by prompt
+as OpenAI's are); their events reach the asyncio loop through `loop.call_soon_threadsafe` (no
+polling). A streaming client that goes away has its requests cancelled, which frees their slots
+before the engine's next step.
 """
 
 from __future__ import annotations
