@@ -54,7 +54,12 @@ class Parsed:
     include_usage: bool
     logprobs: int | None               # alternatives per token to report; None: no logprobs
     return_routing: bool
-    echo: bool = False                 # completions: each choice's text starts with its prompt's
+    echo: bool                         # completions: each choice's text starts with its prompt's
+
+    def choice_prompts(self) -> list[list[int]]:
+        """Each choice's prompt, in choice order."""
+        n = len(self.options) // len(self.prompts)
+        return [self.prompts[i // n] for i in range(len(self.options))]
 
 
 def _number(body, name, lo=None, hi=None, *, lo_open=False, integer=False, default=None):

@@ -85,8 +85,7 @@ class Run:
         self.server, self.parsed = server, parsed
         self.loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue = asyncio.Queue()
-        n = len(parsed.options) // len(parsed.prompts)
-        self.choices = [Choice(i, parsed.prompts[i // n]) for i in range(len(parsed.options))]
+        self.choices = [Choice(i, prompt) for i, prompt in enumerate(parsed.choice_prompts())]
         self.started = time.perf_counter()
 
     def submit(self) -> None:
