@@ -14,7 +14,7 @@ last position and the longest row, from its first position minus the window), so
 costs about half the square and decode costs what the filled part of the cache holds. The key
 blocks are visited by a fixed-length scan whose invisible steps a `cond` skips (the bounds are
 data, the trip count is not), so `grad` goes through it; measured as fast as a `while_loop` over
-the visible blocks.
+the visible blocks. A cache of one key block skips the scan and the cond.
 
 Einsum alphabet (DESIGN.md): B batch, T query length, S key length, K kv heads, G = N/K query heads
 per kv head, H head_dim; q a query block's rows, s a key block's slots.
@@ -109,7 +109,12 @@ def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Arr
 
         init = (jnp.full(qi.shape[:-1], MASKED, jnp.float32), jnp.zeros(qi.shape[:-1], jnp.float32),
                 jnp.zeros(qi.shape, jnp.float32))
-        if skip:
+        if skip and nk == 1:
+            # One key block (decode over a short cache) is always visited (hi >= 1). A cond around
+            # it cost ~80 us a layer on CPU: batch-1 decode of `small` ran 6% (int8) and 10%
+            # (float32) faster without it (BENCHMARKS.md, "Zen 5").
+            _, l, acc = step(0, init)
+        elif skip:
             lo, hi = key_blocks(pos)
             # Every key block in a fixed-length scan, the invisible ones skipped by a cond: the
             # bounds are data, the trip count is not, so `grad` goes through it.
