@@ -135,7 +135,7 @@ def test_short_prompts_waiting_together_share_a_step(model):
 
 def test_multi_host_calls_round_trip():
     """What process 0 broadcasts for a step with pieces is what the other processes rebuild."""
-    calls = engine_lib._Calls(256)
+    calls = engine_lib._Calls(256, 8)
     sent = []
     calls._broadcast = lambda ints, floats: sent.append((ints, floats)) or (ints, floats)
     opts = [Options(max_new_tokens=5, temperature=0.5, top_k=3, top_p=0.75, seed=2**32 - 1, presence_penalty=-1.0),
@@ -155,6 +155,52 @@ def test_multi_host_calls_round_trip():
             assert got_opts == want_opts
         else:   # a piece that is not its prompt's last carries no budget
             assert got_opts.seed == want_opts.seed and got_opts.repetition_penalty == pytest.approx(1.2)
+    for rows in (np.asarray([5, 0, 8, 8], np.int32), None):    # a step of some slots, then of all
+        sent.clear()
+        calls._broadcast = lambda ints, floats: sent.append((ints, floats)) or (ints, floats)
+        calls.send("decode", rows=rows)
+        calls._broadcast = lambda ints, floats: sent[0]
+        op, kw = calls.receive()
+        assert op == "decode" and (kw["rows"] is None if rows is None else kw["rows"].tolist() == rows.tolist())
+
+
+def test_step_over_some_rows_equals_the_step_over_all(model):
+    """A step without a chunk over some slots (`rows`, padded with an out-of-range index) gives
+    those slots exactly what the step over every slot gives them, and leaves the others alone."""
+    import jax
+
+    engine = Engine(model, slots=4, max_seq_len=128, prefill_chunk=32, stop_tokens=[])
+    engine._slots = engine._empty_slots()
+    rng = np.random.default_rng(3)
+    sampled = Options(max_new_tokens=20, temperature=0.8, top_p=0.9, repetition_penalty=1.3, seed=11)
+    for slot, n, opts in ((0, 9, Options(max_new_tokens=20)), (2, 21, sampled), (3, 5, Options(max_new_tokens=20))):
+        tokens = np.zeros(32, np.int32)
+        tokens[:n] = [1] + rng.integers(3, model.config.vocab_size, n - 1).tolist()
+        engine._device("prefill", pieces=[dict(slot=slot, tokens=tokens, n_valid=n, start=0, options=opts, final=True)])
+    engine._device("release", slot=3)        # slot 3 stops, slot 1 never started: 0 and 2 decode
+    step = jax.jit(engine_lib._step, static_argnums=(0,), static_argnames=("attention", "mesh"))
+    args = (model.config, model.params)
+    state = engine._slots
+    for rows in ([0, 2], [2, 4]):            # both decoding slots; one of them and a padding row
+        if rows == [2, 4]:
+            state = state.replace(active=state.active.at[0].set(False))
+        full_slots, full, _ = step(*args, state, engine.stop, None, None, attention="auto")
+        part_slots, part, _ = step(*args, state, engine.stop, None, jnp.asarray(rows, jnp.int32), attention="auto")
+        np.testing.assert_array_equal(np.asarray(part.live), np.asarray(full.live))
+        live = np.asarray(full.live)
+        assert live.sum() == len([r for r in rows if r < 4])
+        for name in ("token", "done", "top_ids", "routing"):
+            np.testing.assert_array_equal(np.asarray(getattr(part, name))[live], np.asarray(getattr(full, name))[live])
+        for name in ("logprob", "top_logprobs"):
+            np.testing.assert_allclose(np.asarray(getattr(part, name))[live], np.asarray(getattr(full, name))[live],
+                                       atol=CACHE_ATOL, rtol=0)
+        for name in ("last", "active", "n_new", "max_new", "seeds", "counts", "in_prompt"):
+            np.testing.assert_array_equal(np.asarray(getattr(part_slots, name)), np.asarray(getattr(full_slots, name)))
+        np.testing.assert_array_equal(np.asarray(part_slots.cache["lengths"]), np.asarray(full_slots.cache["lengths"]))
+        for layer in (k for k in full_slots.cache if k != "lengths"):
+            for key in ("k", "v"):
+                np.testing.assert_allclose(np.asarray(part_slots.cache[layer][key]),
+                                           np.asarray(full_slots.cache[layer][key]), atol=CACHE_ATOL, rtol=0)
 
 
 def test_chunk_sizes_pad_a_little_or_split(model):
