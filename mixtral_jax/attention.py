@@ -14,7 +14,9 @@ last position and the longest row, from its first position minus the window), so
 costs about half the square and decode costs what the filled part of the cache holds. The key
 blocks are visited by a fixed-length scan whose invisible steps a `cond` skips (the bounds are
 data, the trip count is not), so `grad` goes through it; measured as fast as a `while_loop` over
-the visible blocks. A cache of one key block skips the scan and the cond.
+the visible blocks. A cache of one key block skips the scan and the cond. Decode (one query per
+row) over a float32 cache runs on the CPU kernel instead where it may (`decode_kernel`): each
+block's slicing and transposing for XLA's batched dots cost several times the block's read.
 
 Einsum alphabet (DESIGN.md): B batch, T query length, S key length, K kv heads, G = N/K query heads
 per kv head, H head_dim; q a query block's rows, s a key block's slots.
@@ -28,6 +30,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from . import kernels
 from .kvcache import Quantized, dequantize
 from .layers import attention_mask, grouped_attention
 
@@ -207,11 +210,15 @@ def choose(name: str, q, k, chunk: Chunk, sliding_window=None, platform: str | N
     return chosen
 
 
-def attend(name: str, q, k, v, q_pos, kv_len, chunk: Chunk, *, sliding_window=None, rows=None) -> jax.Array:
+def attend(name: str, q, k, v, q_pos, kv_len, chunk: Chunk, *, sliding_window=None, rows=None,
+           mesh=None) -> jax.Array:
     """Attention by implementation `name` (or "auto"); shapes as `blockwise_attention`, `chunk` the new
     tokens' own keys and values (k, v being the cache they were written to, or themselves; `rows`
-    the cache rows the queries read, as `blockwise_attention`'s)."""
+    the cache rows the queries read, as `blockwise_attention`'s). Blockwise decode (one query per
+    row) over a float32 cache runs on the CPU kernel where it may (`kernels.attention_fits`)."""
     name = choose(name, q, k, chunk, sliding_window)
+    if name == "blockwise" and kernels.attention_fits(q, k, mesh):
+        return decode_kernel(q, k, v, q_pos, kv_len, sliding_window=sliding_window, rows=rows)
     if name == "blockwise":
         return blockwise_attention(q, k, v, q_pos, kv_len, sliding_window=sliding_window, rows=rows)
     if rows is not None:  # the other paths take the rows themselves (a copy of each)
@@ -222,6 +229,20 @@ def attend(name: str, q, k, v, q_pos, kv_len, chunk: Chunk, *, sliding_window=No
     if name == "cudnn":
         return sdpa_attention(q, chunk, past, sliding_window=sliding_window)
     return splash_attention(q, chunk, past, sliding_window=sliding_window)
+
+
+def decode_kernel(q, k, v, q_pos, kv_len, *, sliding_window=None, rows=None) -> jax.Array:
+    """`blockwise_attention` for one query per row on the CPU kernel (`kernels.attend`): the
+    visible slots of each row read once in the cache's own [B, S, K, H] layout, where the blockwise
+    loop transposes each key and value block for XLA's batched dots (~0.45 ms a 256-slot block of
+    8 rows, several times the block's read). Shapes as `blockwise_attention` with T = 1."""
+    b = q.shape[0]
+    rows = jnp.arange(b, dtype=jnp.int32) if rows is None else rows
+
+    def pure(q1, k, v, rows, q_pos1, kv_len):
+        return blockwise_attention(q1[:, None], k, v, q_pos1[:, None], kv_len, sliding_window=sliding_window,
+                                   rows=rows)[:, 0]
+    return kernels.attend(q[:, 0], k, v, rows, q_pos[:, 0], kv_len, sliding_window, pure)[:, None]
 
 
 def _merge(own, lse_own, prev, lse_prev, offset):

@@ -382,7 +382,7 @@ def _block(config, p, xs, positions, layer_cache, *, moe_strategy, capacity_fact
         if layer_cache is not None:
             k, v = kvcache.read(layer_cache)
         attn = attention_lib.attend(attention, q, k, v, pos.q_pos, pos.offset + pos.new_len, chunk,
-                                    sliding_window=config.sliding_window, rows=pos.rows)  # [B, T, N, H]
+                                    sliding_window=config.sliding_window, rows=pos.rows, mesh=mesh)  # [B, T, N, H]
         # [B, T, N*H] @ [N*H, D]: XLA's CPU dot contracting (n, h) directly runs ~13x slower
         o = _project(attn.reshape(b, t, -1), kernels.flatten(p["wo"], 2), "btk,kd->btd", mesh)  # [B, T, D]
         attended.append(constrain(x + o, ACT, mesh))

@@ -93,6 +93,48 @@ def test_linear_gradient_is_the_pure_paths(rng):
         np.testing.assert_allclose(np.asarray(g), np.asarray(r), atol=GRAD_TOL, rtol=GRAD_TOL)
 
 
+@needs_kernels
+@pytest.mark.parametrize("n_heads, kv_heads, head_dim", [(16, 4, 64), (4, 4, 16), (8, 2, 128)])
+@pytest.mark.parametrize("window", [None, 40])
+def test_decode_attention_kernel_equals_blockwise_and_the_oracle(rng, n_heads, kv_heads, head_dim, window):
+    """One query per row over a cache of more rows (a server's): rows read out of order, lengths
+    across several 256-slot blocks, a row that sees nothing of its own (kv_len at q_pos: an idle
+    slot) and a padding row (out of range), which get zeros."""
+    from mixtral_jax import attention as att
+
+    r, s = 5, 768
+    k = jnp.asarray(rng.standard_normal((r, s, kv_heads, head_dim)), jnp.float32)
+    v = jnp.asarray(rng.standard_normal((r, s, kv_heads, head_dim)), jnp.float32)
+    rows = jnp.asarray([3, 0, 4, 1, 2, r], jnp.int32)
+    q_pos = jnp.asarray([[700], [0], [255], [256], [300], [10]], jnp.int32)
+    kv_len = jnp.asarray([701, 1, 256, 257, 300, 11], jnp.int32)   # row 4 (at 300) sees only slots < 300
+    q = jnp.asarray(rng.standard_normal((6, 1, n_heads, head_dim)), jnp.float32)
+    assert kernels.attention_fits(q, k)
+    ours = np.asarray(jax.jit(lambda *a: att.decode_kernel(*a, sliding_window=window, rows=rows))(q, k, v, q_pos,
+                                                                                                 kv_len))
+    blockwise = np.asarray(att.blockwise_attention(q, k, v, q_pos, kv_len, sliding_window=window, rows=rows))
+    taken = [jnp.take(a, jnp.minimum(rows, r - 1), axis=0) for a in (k, v)]
+    oracle = np.asarray(att.materialized_attention(q, *taken, q_pos, kv_len, sliding_window=window))
+    assert _rel_err(ours[:5], oracle[:5]) <= KERNEL_RTOL and _rel_err(ours[:5], blockwise[:5]) <= KERNEL_RTOL
+    assert not ours[5].any()                                      # the padding row
+
+
+@needs_kernels
+def test_decode_attention_kernel_gradient_is_the_pure_paths(rng):
+    from mixtral_jax import attention as att
+
+    k, v = (jnp.asarray(rng.standard_normal((2, 300, 2, 16)), jnp.float32) for _ in range(2))
+    q = jnp.asarray(rng.standard_normal((2, 1, 4, 16)), jnp.float32)
+    q_pos, kv_len = jnp.asarray([[280], [40]], jnp.int32), jnp.asarray([281, 41], jnp.int32)
+
+    def loss(fn, q, k, v):
+        return jnp.sum(jnp.sin(fn(q, k, v, q_pos, kv_len)))
+    got = jax.grad(lambda *a: loss(att.decode_kernel, *a), argnums=(0, 1, 2))(q, k, v)
+    want = jax.grad(lambda *a: loss(att.blockwise_attention, *a), argnums=(0, 1, 2))(q, k, v)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=GRAD_TOL, rtol=GRAD_TOL)
+
+
 def _split_layer(rng, kind):
     params = mj.init_params(KCONFIG, seed=1)["layers_0"]
     params = jax.tree.map(lambda a: a * 10.0, params)  # routing decisions matter

@@ -1,4 +1,4 @@
-// Decode-time matrix products on CPU as XLA FFI custom calls (see mixtral_jax/kernels/__init__.py).
+// Decode-time matrix products (and decode attention) on CPU as XLA FFI custom calls (see mixtral_jax/kernels/__init__.py).
 //
 // Decode reads every weight once per step for a handful of activation rows, so it is bound by
 // memory bandwidth; XLA:CPU's dots reach it for float32 only and run bfloat16/int8 weights at a
@@ -16,6 +16,9 @@
 //       products along contiguous weight rows. For a prompt chunk's many rows the MoE layer turns
 //       to outer products instead (`nk_panel`): each weight broadcast against 16-64 tokens held
 //       k-major, which makes it bound by arithmetic rather than by memory.
+// Decode attention (`attend_heads`) reads a float32 KV cache in its own [rows, slots, K, H] layout:
+// per (row, kv head), the scores of its G query heads over the visible slots, a softmax, then the
+// values' weighted sum.
 // The body is compiled once per instruction set (AVX-512, AVX2+FMA, generic) and chosen at run
 // time, so one build runs on any x86-64 processor.
 
@@ -255,6 +258,40 @@ constexpr int64_t kMaxRows = 16;
         default: break;                                                                            \
       }                                                                                            \
     }                                                                                              \
+  }                                                                                                \
+  /* Decode attention of one query row's G heads sharing a kv head, over the visible slots [0, n) */\
+  /* of one cache row (slot s at k + s * stride, H floats; H a multiple of 16): scores into sc     */\
+  /* [G, n], softmax, then out[g] = sum_s p[g, s] v[s] / sum_s p[g, s]. Each cache row is read once */\
+  /* for the G heads.                                                                              */\
+  void attend_heads(const float* q, const float* k, const float* v, int64_t stride, int64_t n,      \
+                    int64_t g_dim, int64_t h_dim, float scale, float* sc, float* acc, float* out) { \
+    for (int64_t s = 0; s < n; ++s) {                                                              \
+      const float* ks = k + s * stride;                                                            \
+      if ((s & 3) == 0) __builtin_prefetch(ks + 8 * stride, 0, 3);                                 \
+      for (int64_t g = 0; g < g_dim; ++g) {                                                        \
+        f32x16 d = loadf(q + g * h_dim) * loadf(ks);                                               \
+        for (int64_t j = 16; j < h_dim; j += 16) d += loadf(q + g * h_dim + j) * loadf(ks + j);    \
+        sc[g * n + s] = hsum(d) * scale;                                                           \
+      }                                                                                            \
+    }                                                                                              \
+    for (int64_t g = 0; g < g_dim; ++g) {                                                          \
+      float* row = sc + g * n;                                                                     \
+      const float m = *std::max_element(row, row + n);                                             \
+      float total = 0.f;                                                                           \
+      for (int64_t s = 0; s < n; ++s) total += (row[s] = std::exp(row[s] - m));                    \
+      const float inv = 1.f / total;                                                               \
+      for (int64_t s = 0; s < n; ++s) row[s] *= inv;                                               \
+    }                                                                                              \
+    std::fill(acc, acc + g_dim * h_dim, 0.f);                                                      \
+    for (int64_t s = 0; s < n; ++s) {                                                              \
+      const float* vs = v + s * stride;                                                            \
+      if ((s & 3) == 0) __builtin_prefetch(vs + 8 * stride, 0, 3);                                 \
+      for (int64_t j = 0; j < h_dim; j += 16) {                                                    \
+        const f32x16 vj = loadf(vs + j);                                                           \
+        for (int64_t g = 0; g < g_dim; ++g) storef(acc + g * h_dim + j, loadf(acc + g * h_dim + j) + sc[g * n + s] * vj);\
+      }                                                                                            \
+    }                                                                                              \
+    std::memcpy(out, acc, g_dim * h_dim * sizeof(float));                                         \
   }
 
 constexpr int64_t kTile = 512;
@@ -915,6 +952,50 @@ ffi::Error MoeImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> experts,
   return ffi::Error::Success();
 }
 
+void AttendHeads(const float* q, const float* k, const float* v, int64_t stride, int64_t n, int64_t g_dim,
+                 int64_t h_dim, float scale, float* sc, float* acc, float* out) {
+  if (kIsa == Isa::kAvx512) return avx512::attend_heads(q, k, v, stride, n, g_dim, h_dim, scale, sc, acc, out);
+  if (kIsa == Isa::kAvx2) return avx2::attend_heads(q, k, v, stride, n, g_dim, h_dim, scale, sc, acc, out);
+  return generic::attend_heads(q, k, v, stride, n, g_dim, h_dim, scale, sc, acc, out);
+}
+
+// Decode attention (one query per row) straight from a float32 cache: q [B, N, H]; k, v [R, S, K, H]
+// (a server's cache of every slot; row rows[b] for query row b, out of range: no keys); q_pos,
+// kv_len [B]; query b sees slot s when s <= q_pos[b], s < kv_len[b] and, with window > 0,
+// q_pos[b] - s < window. out [B, N, H]; a row that sees nothing gets zeros. One task per (row, kv
+// head): the visible slots of that row are read once, in the cache's own layout.
+ffi::Error AttendImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
+                      ffi::Buffer<ffi::S32> rows, ffi::Buffer<ffi::S32> q_pos, ffi::Buffer<ffi::S32> kv_len,
+                      ffi::ResultBuffer<ffi::F32> out, int64_t window) {
+  const auto qd = q.dimensions(), kd = k.dimensions();
+  const auto vd = v.dimensions();
+  if (qd.size() != 3 || kd.size() != 4 || vd.size() != 4 || !std::equal(kd.begin(), kd.end(), vd.begin()))
+    return ffi::Error::InvalidArgument("mj_attend: q must be [B, N, H] and k, v [R, S, K, H]");
+  const int64_t b_dim = qd[0], n_heads = qd[1], h_dim = qd[2];
+  const int64_t r_dim = kd[0], s_dim = kd[1], kv_heads = kd[2];
+  if (kd[3] != h_dim || h_dim % 16 || kv_heads == 0 || n_heads % kv_heads)
+    return ffi::Error::InvalidArgument("mj_attend: unsupported shapes");
+  const int64_t g_dim = n_heads / kv_heads, stride = kv_heads * h_dim;
+  const float scale = 1.f / std::sqrt(static_cast<float>(h_dim));
+  const int32_t *rp = rows.typed_data(), *pp = q_pos.typed_data(), *lp = kv_len.typed_data();
+  ParallelFor(b_dim * kv_heads, [&](int64_t task) {
+    const int64_t b = task / kv_heads, kh = task % kv_heads;
+    float* o = out->typed_data() + (b * n_heads + kh * g_dim) * h_dim;
+    const int64_t row = rp[b];
+    const int64_t hi = std::min<int64_t>({static_cast<int64_t>(pp[b]) + 1, lp[b], s_dim});
+    const int64_t lo = window > 0 ? std::max<int64_t>(0, pp[b] - window + 1) : 0;
+    if (row < 0 || row >= r_dim || hi <= lo) {
+      std::fill(o, o + g_dim * h_dim, 0.f);
+      return;
+    }
+    std::vector<float> sc(g_dim * (hi - lo)), acc(g_dim * h_dim);
+    const int64_t base = (row * s_dim + lo) * stride + kh * h_dim;
+    AttendHeads(q.typed_data() + (b * n_heads + kh * g_dim) * h_dim, k.typed_data() + base, v.typed_data() + base,
+                stride, hi - lo, g_dim, h_dim, scale, sc.data(), acc.data(), o);
+  });
+  return ffi::Error::Success();
+}
+
 // A multi-threaded streaming read (the bandwidth probe): out[0] = sum of x.
 ffi::Error ReadProbeImpl(ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F32> out) {
   const int64_t n = x.element_count(), chunk = 1 << 16, tasks = (n + chunk - 1) / chunk;
@@ -955,6 +1036,17 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(mj_moe, MoeImpl,
                                   .RemainingArgs()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("n_experts"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(mj_attend, AttendImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("window"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(mj_read_probe, ReadProbeImpl,
                               ffi::Ffi::Bind()
