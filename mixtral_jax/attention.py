@@ -217,9 +217,9 @@ def attend(name: str, q, k, v, q_pos, kv_len, chunk: Chunk, *, sliding_window=No
     the cache rows the queries read, as `blockwise_attention`'s). Blockwise decode (one query per
     row) over a float32 cache runs on the CPU kernel where it may (`kernels.attention_fits`)."""
     name = choose(name, q, k, chunk, sliding_window)
-    if name == "blockwise" and kernels.attention_fits(q, k, mesh):
-        return decode_kernel(q, k, v, q_pos, kv_len, sliding_window=sliding_window, rows=rows)
     if name == "blockwise":
+        if kernels.attention_fits(q, k, mesh):
+            return decode_kernel(q, k, v, q_pos, kv_len, sliding_window=sliding_window, rows=rows)
         return blockwise_attention(q, k, v, q_pos, kv_len, sliding_window=sliding_window, rows=rows)
     if rows is not None:  # the other paths take the rows themselves (a copy of each)
         k, v = (jax.tree.map(lambda a: jnp.take(a, rows, axis=0), x) for x in (k, v))

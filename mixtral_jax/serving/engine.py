@@ -157,10 +157,11 @@ def _step(config, params, slots: Slots, stop, chunk: Chunk | None = None, rows=N
     """
     n_slots = slots.last.shape[0]
     if rows is None:
-        get = lambda a: a  # noqa: E731
+        get, put = (lambda a: a), (lambda a, v: v)
         live = slots.active
     else:
         get = lambda a: a[rows]  # noqa: E731  (out of range: clamped, and not live)
+        put = lambda a, v: a.at[rows].set(v, mode="drop")  # noqa: E731
         live = slots.active[rows] & (rows < n_slots)
     cache = slots.cache
     last, seeds, n_new, counts = get(slots.last), get(slots.seeds), get(slots.n_new), get(slots.counts)
@@ -185,15 +186,11 @@ def _step(config, params, slots: Slots, stop, chunk: Chunk | None = None, rows=N
     counts = counts.at[jnp.arange(token.shape[0]), token].add(live.astype(jnp.int32))
     out = StepOut(token=token, live=live, done=done, logprob=lp, top_ids=top_ids, top_logprobs=top_lp,
                   routing=routing)
-    if rows is None:
-        new = slots.replace(cache=cache, last=jnp.where(live, token, last), active=live & ~done, n_new=n_new,
-                            counts=counts)
-    else:
-        put = lambda a, v: a.at[rows].set(v, mode="drop")  # noqa: E731
-        new = slots.replace(cache=cache, last=put(slots.last, jnp.where(live, token, last)),
-                            active=put(slots.active, live & ~done), n_new=put(slots.n_new, n_new),
-                            counts=put(slots.counts, counts))
-        out = jax.tree.map(lambda a: jnp.zeros((n_slots, *a.shape[1:]), a.dtype).at[rows].set(a, mode="drop"), out)
+    new = slots.replace(cache=cache, last=put(slots.last, jnp.where(live, token, last)),
+                        active=put(slots.active, live & ~done), n_new=put(slots.n_new, n_new),
+                        counts=put(slots.counts, counts))
+    if rows is not None:
+        out = jax.tree.map(lambda a: put(jnp.zeros((n_slots, *a.shape[1:]), a.dtype), a), out)
     out = _replicated(out, mesh)
     if chunk is None:
         return new, out, None
