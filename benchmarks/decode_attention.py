@@ -19,22 +19,37 @@ sys.path.insert(0, os.path.dirname(__file__))
 from long_attention import median_time  # noqa: E402
 
 
+def positive_ints(text: str) -> list[int]:
+    """A comma-separated list of positive integers (argparse turns the error into a usage line)."""
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}")
+    return values
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", default="1,8")
-    parser.add_argument("--lengths", default="100,300,700,4000")
+    parser.add_argument("--rows", type=positive_ints, default="1,8")
+    parser.add_argument("--lengths", type=positive_ints, default="100,300,700,4000")
     parser.add_argument("--cache", type=int, default=32768)
     parser.add_argument("--calls", type=int, default=40)
     args = parser.parse_args()
+    if args.cache < 1 or args.calls < 1:
+        parser.error("--cache and --calls must be at least 1")
+    if max(args.lengths) > args.cache:
+        parser.error(f"--lengths go up to {max(args.lengths)}, beyond --cache {args.cache}")
     print(kernels.status())
     n_heads, kv_heads, head_dim = 16, 4, 64
     rng = np.random.default_rng(0)
     blockwise = jax.jit(lambda q, k, v, p, n: attention.blockwise_attention(q, k, v, p, n))
     kernel = jax.jit(lambda q, k, v, p, n: attention.decode_kernel(q, k, v, p, n))
-    for b in (int(r) for r in args.rows.split(",")):
+    for b in args.rows:
         k, v = (jnp.asarray(rng.standard_normal((b, args.cache, kv_heads, head_dim)), jnp.float32) for _ in range(2))
         q = jnp.asarray(rng.standard_normal((b, 1, n_heads, head_dim)), jnp.float32)
-        for top in (int(n) for n in args.lengths.split(",")):
+        for top in args.lengths:
             kv_len = jnp.asarray(rng.integers(top // 2, top + 1, b), jnp.int32)
             call = (q, k, v, (kv_len - 1)[:, None], kv_len)
             err = float(np.abs(np.asarray(blockwise(*call)) - np.asarray(kernel(*call))).max())
