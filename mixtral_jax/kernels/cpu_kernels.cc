@@ -16,9 +16,9 @@
 //       products along contiguous weight rows. For a prompt chunk's many rows the MoE layer turns
 //       to outer products instead (`nk_panel`): each weight broadcast against 16-64 tokens held
 //       k-major, which makes it bound by arithmetic rather than by memory.
-// Decode attention (`attend_heads`) reads a float32 KV cache in its own [rows, slots, K, H] layout:
-// per (row, kv head), the scores of its G query heads over the visible slots, a softmax, then the
-// values' weighted sum.
+// Decode attention (`attend_part`) reads a float32 KV cache in its own [rows, slots, K, H] layout:
+// each row's visible slots in parts of whole slots (keys and values read once for all heads), a
+// softmax per part, then the parts merged.
 // The body is compiled once per instruction set (AVX-512, AVX2+FMA, generic) and chosen at run
 // time, so one build runs on any x86-64 processor.
 
@@ -31,6 +31,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <memory>
 #include <thread>
 #include <vector>
@@ -259,39 +260,76 @@ constexpr int64_t kMaxRows = 16;
       }                                                                                            \
     }                                                                                              \
   }                                                                                                \
-  /* Decode attention of one query row's G heads sharing a kv head, over the visible slots [0, n) */\
-  /* of one cache row (slot s at k + s * stride, H floats; H a multiple of 16): scores into sc     */\
-  /* [G, n], softmax, then out[g] = sum_s p[g, s] v[s] / sum_s p[g, s]. Each cache row is read once */\
-  /* for the G heads.                                                                              */\
-  void attend_heads(const float* q, const float* k, const float* v, int64_t stride, int64_t n,      \
-                    int64_t g_dim, int64_t h_dim, float scale, float* sc, float* acc, float* out) { \
+  /* e^x for x <= 0 (a softmax's shifted scores), branch-free so that loops over it vectorize:     \
+     2^n 2^f with n = round(x log2 e) and 2^f = e^(f ln 2) by its Taylor series to degree 7 (a     \
+     relative error ~1e-7); below -87.3 it returns e^-87.3 (~1e-38). */                            \
+  inline float exp_neg(float x) {                                                                  \
+    const float t = std::max(x, -87.3f) * 1.44269504f;                                             \
+    const float n = (t + 12582912.f) - 12582912.f; /* round to nearest: 1.5 * 2^23 */              \
+    const float f = t - n;                                                                         \
+    float p = 1.52527338e-5f;                                                                      \
+    p = p * f + 1.54035304e-4f;                                                                    \
+    p = p * f + 1.33335581e-3f;                                                                    \
+    p = p * f + 9.61812911e-3f;                                                                    \
+    p = p * f + 5.55041087e-2f;                                                                    \
+    p = p * f + 2.40226507e-1f;                                                                    \
+    p = p * f + 6.93147181e-1f;                                                                    \
+    p = p * f + 1.f;                                                                               \
+    const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;                                    \
+    float scale;                                                                                   \
+    std::memcpy(&scale, &bits, 4);                                                                 \
+    return p * scale;                                                                              \
+  }                                                                                                \
+                                                                                                   \
+  /* Decode attention of one query row (N heads over K kv heads) over n consecutive slots of its   \
+     cache row (slot s's K x H keys at k + s * stride, contiguous; H a multiple of 16), as a part  \
+     of a split softmax: per head, its scores' max m, l = sum_s exp(score - m) and the unnormalised\
+     acc [N, H] = sum_s exp(score - m) v[s]. Every slot's keys and values are read once, whole, for\
+     all heads; eight heads' dot products are summed across lanes together (`hsum8`). sc: [N, n]   \
+     scratch. */                                                                                   \
+  void attend_part(const float* q, const float* k, const float* v, int64_t stride, int64_t n,      \
+                   int64_t n_heads, int64_t g_dim, int64_t h_dim, float scale, float* sc, float* m,\
+                   float* l, float* acc) {                                                         \
+    std::fill(m, m + n_heads, -std::numeric_limits<float>::infinity());                            \
     for (int64_t s = 0; s < n; ++s) {                                                              \
       const float* ks = k + s * stride;                                                            \
-      if ((s & 3) == 0) __builtin_prefetch(ks + 8 * stride, 0, 3);                                 \
-      for (int64_t g = 0; g < g_dim; ++g) {                                                        \
-        f32x16 d = loadf(q + g * h_dim) * loadf(ks);                                               \
-        for (int64_t j = 16; j < h_dim; j += 16) d += loadf(q + g * h_dim + j) * loadf(ks + j);    \
-        sc[g * n + s] = hsum(d) * scale;                                                           \
+      for (int64_t h0 = 0; h0 < n_heads; h0 += 8) {                                                \
+        const int64_t c = std::min<int64_t>(8, n_heads - h0);                                      \
+        f32x16 d[8] = {};                                                                          \
+        for (int64_t i = 0; i < c; ++i) {                                                          \
+          const float *qh = q + (h0 + i) * h_dim, *kh = ks + ((h0 + i) / g_dim) * h_dim;           \
+          d[i] = loadf(qh) * loadf(kh);                                                            \
+          for (int64_t j = 16; j < h_dim; j += 16) d[i] += loadf(qh + j) * loadf(kh + j);          \
+        }                                                                                          \
+        float dots[8];                                                                             \
+        hsum8(d, dots);                                                                            \
+        for (int64_t i = 0; i < c; ++i) {                                                          \
+          const float score = dots[i] * scale;                                                     \
+          sc[(h0 + i) * n + s] = score;                                                            \
+          m[h0 + i] = std::max(m[h0 + i], score);                                                  \
+        }                                                                                          \
       }                                                                                            \
     }                                                                                              \
-    for (int64_t g = 0; g < g_dim; ++g) {                                                          \
-      float* row = sc + g * n;                                                                     \
-      const float m = *std::max_element(row, row + n);                                             \
-      float total = 0.f;                                                                           \
-      for (int64_t s = 0; s < n; ++s) total += (row[s] = std::exp(row[s] - m));                    \
-      const float inv = 1.f / total;                                                               \
-      for (int64_t s = 0; s < n; ++s) row[s] *= inv;                                               \
+    for (int64_t h = 0; h < n_heads; ++h) {                                                        \
+      float* row = sc + h * n;                                                                     \
+      const float mh = m[h];                                                                       \
+      for (int64_t s = 0; s < n; ++s) row[s] = exp_neg(row[s] - mh);                               \
+      f32x16 sum = {};                                                                             \
+      int64_t s = 0;                                                                               \
+      for (; s + 16 <= n; s += 16) sum += loadf(row + s);                                          \
+      float total = hsum(sum);                                                                     \
+      for (; s < n; ++s) total += row[s];                                                          \
+      l[h] = total;                                                                                \
     }                                                                                              \
-    std::fill(acc, acc + g_dim * h_dim, 0.f);                                                      \
+    std::fill(acc, acc + n_heads * h_dim, 0.f);                                                    \
     for (int64_t s = 0; s < n; ++s) {                                                              \
       const float* vs = v + s * stride;                                                            \
-      if ((s & 3) == 0) __builtin_prefetch(vs + 8 * stride, 0, 3);                                 \
-      for (int64_t j = 0; j < h_dim; j += 16) {                                                    \
-        const f32x16 vj = loadf(vs + j);                                                           \
-        for (int64_t g = 0; g < g_dim; ++g) storef(acc + g * h_dim + j, loadf(acc + g * h_dim + j) + sc[g * n + s] * vj);\
+      for (int64_t h = 0; h < n_heads; ++h) {                                                      \
+        const float p = sc[h * n + s], *vh = vs + (h / g_dim) * h_dim;                             \
+        float* ah = acc + h * h_dim;                                                               \
+        for (int64_t j = 0; j < h_dim; j += 16) storef(ah + j, loadf(ah + j) + p * loadf(vh + j)); \
       }                                                                                            \
     }                                                                                              \
-    std::memcpy(out, acc, g_dim * h_dim * sizeof(float));                                         \
   }
 
 constexpr int64_t kTile = 512;
@@ -340,6 +378,9 @@ inline f32x16 widen_bf16(const uint16_t* p) {
   return (f32x16)_mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
 }
 inline float hsum(f32x16 v) { return _mm512_reduce_add_ps((__m512)v); }
+inline void hsum8(const f32x16* d, float* out) {
+  for (int i = 0; i < 8; ++i) out[i] = hsum(d[i]);
+}
 MJ_KERNEL_BODY
 }  // namespace avx512
 #pragma GCC pop_options
@@ -385,6 +426,15 @@ inline float hsum(f32x16 v) {
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
   s = _mm_add_ss(s, _mm_movehdup_ps(s));
   return _mm_cvtss_f32(s);
+}
+// out[i] = hsum(d[i]) for eight vectors at once: a tree of horizontal adds, ~10 instructions where
+// eight `hsum`s take ~50.
+inline void hsum8(const f32x16* d, float* out) {
+  __m256 a[8];
+  for (int i = 0; i < 8; ++i) a[i] = (__m256)(d[i].lo + d[i].hi);
+  const __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+  const __m256 u1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
+  _mm256_storeu_ps(out, _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31)));
 }
 MJ_KERNEL_BODY
 
@@ -476,6 +526,9 @@ inline float hsum(f32x16 v) {
   float s = 0.f;
   for (int i = 0; i < 16; ++i) s += v[i];
   return s;
+}
+inline void hsum8(const f32x16* d, float* out) {
+  for (int i = 0; i < 8; ++i) out[i] = hsum(d[i]);
 }
 MJ_KERNEL_BODY
 }  // namespace generic
@@ -952,18 +1005,28 @@ ffi::Error MoeImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> experts,
   return ffi::Error::Success();
 }
 
-void AttendHeads(const float* q, const float* k, const float* v, int64_t stride, int64_t n, int64_t g_dim,
-                 int64_t h_dim, float scale, float* sc, float* acc, float* out) {
-  if (kIsa == Isa::kAvx512) return avx512::attend_heads(q, k, v, stride, n, g_dim, h_dim, scale, sc, acc, out);
-  if (kIsa == Isa::kAvx2) return avx2::attend_heads(q, k, v, stride, n, g_dim, h_dim, scale, sc, acc, out);
-  return generic::attend_heads(q, k, v, stride, n, g_dim, h_dim, scale, sc, acc, out);
+void AttendPart(const float* q, const float* k, const float* v, int64_t stride, int64_t n, int64_t n_heads,
+                int64_t g_dim, int64_t h_dim, float scale, float* sc, float* m, float* l, float* acc) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  if (kIsa == Isa::kAvx512) return avx512::attend_part(q, k, v, stride, n, n_heads, g_dim, h_dim, scale, sc, m, l, acc);
+  if (kIsa == Isa::kAvx2) return avx2::attend_part(q, k, v, stride, n, n_heads, g_dim, h_dim, scale, sc, m, l, acc);
+#endif
+  generic::attend_part(q, k, v, stride, n, n_heads, g_dim, h_dim, scale, sc, m, l, acc);
 }
+
+// Slots of one cache row per decode-attention task. The first version took one task per (row, kv
+// head) and read each head's 256 bytes of every slot's 1 KB: a strided walk that read a long row at
+// ~2 GB/s, and one row on as many tasks as kv heads. Parts of kAttendSlots whole slots read the
+// cache as one stream and split a long row over every core (BENCHMARKS.md, "Decode attention").
+// Fewer slots than that in all make smaller parts, so that short rows use every core too.
+constexpr int64_t kAttendSlots = 256, kAttendMinSlots = 32;
 
 // Decode attention (one query per row) straight from a float32 cache: q [B, N, H]; k, v [R, S, K, H]
 // (a server's cache of every slot; row rows[b] for query row b, out of range: no keys); q_pos,
 // kv_len [B]; query b sees slot s when s <= q_pos[b], s < kv_len[b] and, with window > 0,
-// q_pos[b] - s < window. out [B, N, H]; a row that sees nothing gets zeros. One task per (row, kv
-// head): the visible slots of that row are read once, in the cache's own layout.
+// q_pos[b] - s < window. out [B, N, H]; a row that sees nothing gets zeros. Each row's visible
+// slots are split into parts of up to kAttendSlots (one task each, `attend_part`), whose softmax
+// partials are then merged per (row, head): out = sum_p e^(m_p - M) acc_p / sum_p e^(m_p - M) l_p.
 ffi::Error AttendImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
                       ffi::Buffer<ffi::S32> rows, ffi::Buffer<ffi::S32> q_pos, ffi::Buffer<ffi::S32> kv_len,
                       ffi::ResultBuffer<ffi::F32> out, int64_t window) {
@@ -978,20 +1041,46 @@ ffi::Error AttendImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buf
   const int64_t g_dim = n_heads / kv_heads, stride = kv_heads * h_dim;
   const float scale = 1.f / std::sqrt(static_cast<float>(h_dim));
   const int32_t *rp = rows.typed_data(), *pp = q_pos.typed_data(), *lp = kv_len.typed_data();
-  ParallelFor(b_dim * kv_heads, [&](int64_t task) {
-    const int64_t b = task / kv_heads, kh = task % kv_heads;
-    float* o = out->typed_data() + (b * n_heads + kh * g_dim) * h_dim;
-    const int64_t row = rp[b];
-    const int64_t hi = std::min<int64_t>({static_cast<int64_t>(pp[b]) + 1, lp[b], s_dim});
-    const int64_t lo = window > 0 ? std::max<int64_t>(0, pp[b] - window + 1) : 0;
-    if (row < 0 || row >= r_dim || hi <= lo) {
-      std::fill(o, o + g_dim * h_dim, 0.f);
-      return;
+  // Each row's visible slots [lo, hi) (empty for a row that sees nothing), the slots per part
+  // (halved down to kAttendMinSlots until every thread has a few parts) and each row's first part.
+  std::vector<int64_t> lo(b_dim), hi(b_dim), first(b_dim + 1, 0);
+  int64_t visible = 0, per = kAttendSlots;
+  for (int64_t b = 0; b < b_dim; ++b) {
+    hi[b] = std::min<int64_t>({static_cast<int64_t>(pp[b]) + 1, lp[b], s_dim});
+    lo[b] = window > 0 ? std::max<int64_t>(0, pp[b] - window + 1) : 0;
+    if (rp[b] < 0 || rp[b] >= r_dim || hi[b] < lo[b]) hi[b] = lo[b];
+    visible += hi[b] - lo[b];
+  }
+  while (per > kAttendMinSlots && visible < 4 * per * (SpinPool::Get().workers() + 1)) per /= 2;
+  for (int64_t b = 0; b < b_dim; ++b) first[b + 1] = first[b] + (hi[b] - lo[b] + per - 1) / per;
+  const int64_t parts = first[b_dim], width = n_heads * (h_dim + 2);
+  std::vector<float> partial(parts * width);  // per part: m [N], l [N], acc [N, H]
+  std::vector<int64_t> row_of(parts);
+  for (int64_t b = 0; b < b_dim; ++b) std::fill(row_of.begin() + first[b], row_of.begin() + first[b + 1], b);
+  ParallelFor(parts, [&](int64_t i) {
+    const int64_t b = row_of[i], s0 = lo[b] + (i - first[b]) * per;
+    const int64_t n = std::min(per, hi[b] - s0), base = (rp[b] * s_dim + s0) * stride;
+    thread_local std::vector<float> sc;
+    sc.resize(n_heads * per);
+    float* part = partial.data() + i * width;
+    AttendPart(q.typed_data() + b * n_heads * h_dim, k.typed_data() + base, v.typed_data() + base, stride, n,
+               n_heads, g_dim, h_dim, scale, sc.data(), part, part + n_heads, part + 2 * n_heads);
+  });
+  ParallelFor(b_dim, [&](int64_t b) {
+    float* o = out->typed_data() + b * n_heads * h_dim;
+    std::fill(o, o + n_heads * h_dim, 0.f);
+    for (int64_t h = 0; h < n_heads; ++h) {
+      float top = -std::numeric_limits<float>::infinity(), total = 0.f;
+      for (int64_t i = first[b]; i < first[b + 1]; ++i) top = std::max(top, partial[i * width + h]);
+      for (int64_t i = first[b]; i < first[b + 1]; ++i) {
+        const float* part = partial.data() + i * width;
+        const float w = std::exp(part[h] - top);
+        total += w * part[n_heads + h];
+        const float* acc = part + 2 * n_heads + h * h_dim;
+        for (int64_t j = 0; j < h_dim; ++j) o[h * h_dim + j] += w * acc[j];
+      }
+      for (int64_t j = 0; j < h_dim && total > 0.f; ++j) o[h * h_dim + j] /= total;
     }
-    std::vector<float> sc(g_dim * (hi - lo)), acc(g_dim * h_dim);
-    const int64_t base = (row * s_dim + lo) * stride + kh * h_dim;
-    AttendHeads(q.typed_data() + (b * n_heads + kh * g_dim) * h_dim, k.typed_data() + base, v.typed_data() + base,
-                stride, hi - lo, g_dim, h_dim, scale, sc.data(), acc.data(), o);
   });
   return ffi::Error::Success();
 }
