@@ -1017,7 +1017,8 @@ void AttendPart(const float* q, const float* k, const float* v, int64_t stride, 
 // Slots of one cache row per decode-attention task. The first version took one task per (row, kv
 // head) and read each head's 256 bytes of every slot's 1 KB: a strided walk that read a long row at
 // ~2 GB/s, and one row on as many tasks as kv heads. Parts of kAttendSlots whole slots read the
-// cache as one stream and split a long row over every core (BENCHMARKS.md, "Decode attention").
+// cache as one stream and split a long row over every core (BENCHMARKS.md, "AVX2 machine,
+// 2026-12-02 (evening)").
 // Fewer slots than that in all make smaller parts, so that short rows use every core too.
 constexpr int64_t kAttendSlots = 256, kAttendMinSlots = 32;
 
