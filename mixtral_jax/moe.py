@@ -21,7 +21,7 @@ exactly (no dropped tokens unless a capacity factor is asked for):
   the demo model's layer, forward and backward). Gathering weights per block suits small experts
   only: at Mixtral's size the copies would cost more than the matmuls.
 - `kernel`: the whole layer as one CPU custom call (`mixtral_jax.kernels`) for up to
-  `kernels.moe_max_rows()` tokens (384 with AVX-512 or AVX2, else 16) with split weights: only the
+  `kernels.moe_max_rows()` tokens (512 with AVX-512 or AVX2, else 16) with split weights: only the
   selected experts are read, float32, bfloat16 or int8 weights widened in registers. What `auto`
   picks on CPU when the kernels are built, for decode and prompt chunks; otherwise (and for
   `kernel` asked for where it cannot run) `sorted` runs.

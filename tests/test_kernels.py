@@ -147,7 +147,7 @@ def _split_layer(rng, kind):
 
 
 @needs_kernels
-# 1-16 tokens: the decode loop; 17-384 (a prompt chunk): the register-blocked panels, 100
+# 1-16 tokens: the decode loop; 17-512 (a prompt chunk): the register-blocked panels, 100
 # and 300 with panels of several widths and more than one panel per expert.
 @pytest.mark.parametrize("n_tokens", [1, 3, 16, 17, 100, 300])
 @pytest.mark.parametrize("kind", ["float32", "bfloat16", "int8"])

@@ -23,7 +23,7 @@ kernels are:
     [rows, slots, K, H] layout, reading each row's visible slots once (`attention_fits`).
 
 They run when all of these hold at trace time: the backend is CPU, no mesh, at most `MAX_ROWS`
-activation rows (`moe_max_rows()` for `moe`: 384 with AVX-512 or AVX2; one query per row for
+activation rows (`moe_max_rows()` for `moe`: 512 with AVX-512 or AVX2; one query per row for
 `attend`), every dimension a multiple of 16, weights float32/bfloat16/int8 (`attend`: float32
 queries and cache), the library built, and `MIXTRAL_JAX_CPU_KERNELS` is not "0".
 Otherwise the pure-JAX path runs; it is also the oracle (tests/test_kernels.py) and the backward
@@ -54,9 +54,11 @@ MAX_ROWS = 16          # activation rows per call (cpu_kernels.cc kMaxRows)
 # Tokens up to which the MoE layer runs on the kernel: above kMaxRows, register-blocked panels that
 # pad each expert's rows to 16 where XLA's `sorted` steps pad to 32 (small config, one layer,
 # benchmarks/moe_layer.py; AVX-512: 1.42x `sorted` at 151 tokens, 1.28x at 264, even at 520; AVX2
-# with its own 6x16 blocks: 1.3-1.7x at 40-151 tokens, 1.2x at 264, even at 384). The generic build
-# has no register blocking worth the name, so there the MoE kernel keeps to MAX_ROWS (`moe_max_rows`).
-MOE_MAX_ROWS = 384
+# with its own 6x16 blocks: 1.3-1.7x at 40-151 tokens, 1.2x at 264, even at 384; since each task's
+# rows stay in L2 across its panels and SwiGLU is vectorized, 1.07x at 512, so a 512-token prompt
+# takes it too). The generic build has no register blocking worth the name, so there the MoE kernel
+# keeps to MAX_ROWS (`moe_max_rows`).
+MOE_MAX_ROWS = 512
 # (name, description) by `mj_isa()`
 _ISAS = (("generic", "generic x86-64/portable C++"), ("avx2", "AVX2+FMA"), ("avx512", "AVX-512"))
 _TARGETS = ("mj_linear", "mj_moe", "mj_attend", "mj_read_probe")
