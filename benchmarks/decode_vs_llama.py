@@ -6,7 +6,13 @@ same random `small` weights and GGUF exports as the bench and then alternates, r
 decode child for each weight type (its own process, as the bench runs it), then `llama-bench`
 decoding the matching GGUF type. It prints each round's tok/s and the ratios of the medians.
 
+`--prefill` alternates prefill of a 512-token prompt instead (issue 16's prefill target): our
+float32 `generate` (prefill and one token, median of 3 after a warm-up, in a child process) against
+`llama-bench -p 512` on every GGUF type of the pairs, each round's ratio taken against llama.cpp's
+best type in that round.
+
     python benchmarks/decode_vs_llama.py --llama-bench PATH [--rounds 3] [--pairs int8:q8_0,float32:f32]
+    python benchmarks/decode_vs_llama.py --llama-bench PATH --prefill [--rounds 3] [--pairs float32:f32,...]
 """
 
 import argparse
@@ -37,12 +43,43 @@ def theirs(llama_bench: str, gguf: str) -> float:
     return float(json.loads(run.stdout)[0]["avg_ts"])
 
 
+def ours_prefill(ckpt: str) -> float:
+    run = subprocess.run([sys.executable, __file__, "--prefill-child", ckpt], capture_output=True, text=True,
+                         timeout=1800, check=True)
+    return float(run.stdout.strip().splitlines()[-1])
+
+
+def prefill_child(ckpt: str) -> None:
+    """Prints our float32 prefill tok/s of a PREFILL_LENGTHS[-1]-token prompt, as the bench times it."""
+    import numpy as np
+
+    from mixtral_jax import checkpoint
+    from mixtral_jax.sampler import generate
+
+    model = checkpoint.load(ckpt, dtype="float32")
+    n = bench.PREFILL_LENGTHS[-1]
+    prompt = [np.random.default_rng(0).integers(3, model.config.vocab_size, n).tolist()]
+    _, median = bench.timed(lambda: generate(model, prompt, max_new_tokens=1, stop_tokens=[]), 3)
+    print(n / median)
+
+
+def theirs_prefill(llama_bench: str, ggufs: dict[str, str]) -> dict[str, float]:
+    cmd = [llama_bench, *[a for p in ggufs.values() for a in ("-m", p)], "-p", str(bench.PREFILL_LENGTHS[-1]),
+           "-n", "0", "-t", str(os.cpu_count()), "-r", "3", "-o", "json"]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, check=True)
+    kinds = {p: k for k, p in ggufs.items()}
+    return {kinds[row["model_filename"]]: float(row["avg_ts"]) for row in json.loads(run.stdout)}
+
+
 def main():
+    if sys.argv[1:2] == ["--prefill-child"]:
+        return prefill_child(sys.argv[2])
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--llama-bench", required=True)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--pairs", default="int8:q8_0,float32:f32",
                         help="ours:theirs weight types, comma-separated (ours: float32, bfloat16, int8)")
+    parser.add_argument("--prefill", action="store_true", help="prefill 512 tokens instead of decode")
     args = parser.parse_args()
     pairs = [tuple(p.split(":")) for p in args.pairs.split(",")]
     if args.rounds < 1 or any(len(p) != 2 or p[0] not in PAIRS or p[1] not in bench.LLAMA_TYPES for p in pairs):
@@ -57,6 +94,8 @@ def main():
             for _, kind in pairs:
                 ggufs[kind] = os.path.join(tmp, f"{kind}.gguf")
                 export_gguf(ckpt, ggufs[kind], gguf_type=kind)
+            if args.prefill:
+                return prefill_rounds(args.llama_bench, ckpt, ggufs, args.rounds)
             rates = {p: ([], []) for p in pairs}
             for r in range(args.rounds):
                 for ours_type, kind in pairs:
@@ -70,6 +109,22 @@ def main():
                       f"per round {', '.join(f'{x / y:.2f}x' for x, y in zip(a, b))}")
 
     bench._with_checkpoints(MixtralConfig.small(), 0, body)
+
+
+def prefill_rounds(llama_bench: str, ckpt: str, ggufs: dict[str, str], rounds: int) -> None:
+    ratios, a, best = [], [], []
+    for r in range(rounds):
+        ours_rate, theirs_rates = ours_prefill(ckpt), theirs_prefill(llama_bench, ggufs)
+        kind = max(theirs_rates, key=theirs_rates.get)
+        a.append(ours_rate)
+        best.append(theirs_rates[kind])
+        ratios.append(ours_rate / theirs_rates[kind])
+        print(f"round {r + 1}: ours float32 prefill {ours_rate:.1f} tok/s, llama.cpp "
+              + ", ".join(f"{k} {v:.1f}" for k, v in theirs_rates.items())
+              + f" tok/s; ours / their best ({kind}) {ratios[-1]:.2f}x", flush=True)
+    print(f"prefill {bench.PREFILL_LENGTHS[-1]}: medians {statistics.median(a):.1f} / {statistics.median(best):.1f} "
+          f"tok/s (their best type each round) = {statistics.median(a) / statistics.median(best):.2f}x; "
+          f"per round {', '.join(f'{x:.2f}x' for x in ratios)}")
 
 
 if __name__ == "__main__":
