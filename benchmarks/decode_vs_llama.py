@@ -37,10 +37,7 @@ def ours(ckpt: str, weight_type: str) -> float:
 
 
 def theirs(llama_bench: str, gguf: str) -> float:
-    cmd = [llama_bench, "-m", gguf, "-p", "0", "-n", str(bench.LLAMA_DECODE_TOKENS), "-t", str(os.cpu_count()),
-           "-r", "3", "-o", "json"]
-    run = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, check=True)
-    return float(json.loads(run.stdout)[0]["avg_ts"])
+    return bench.llama_bench_rows(llama_bench, {"model": gguf}, 0, bench.LLAMA_DECODE_TOKENS, 3)[0][2]
 
 
 def ours_prefill(ckpt: str) -> float:
@@ -64,11 +61,7 @@ def prefill_child(ckpt: str) -> None:
 
 
 def theirs_prefill(llama_bench: str, ggufs: dict[str, str]) -> dict[str, float]:
-    cmd = [llama_bench, *[a for p in ggufs.values() for a in ("-m", p)], "-p", str(bench.PREFILL_LENGTHS[-1]),
-           "-n", "0", "-t", str(os.cpu_count()), "-r", "3", "-o", "json"]
-    run = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, check=True)
-    kinds = {p: k for k, p in ggufs.items()}
-    return {kinds[row["model_filename"]]: float(row["avg_ts"]) for row in json.loads(run.stdout)}
+    return {kind: rate for kind, _, rate in bench.llama_bench_rows(llama_bench, ggufs, bench.PREFILL_LENGTHS[-1], 0, 3)}
 
 
 def main():

@@ -156,9 +156,7 @@ def step_costs(model, *, slots: int = 8, lengths=(600, 3000), chunks=(64, 128, 2
     cases = {}
     for length in lengths:
         cases[f"decode {slots} at {length}"] = (slots, length, dict(op="decode"))
-        rows = np.full(1, slots, np.int32)
-        rows[0] = 0
-        cases[f"decode 1 at {length}"] = (1, length, dict(op="decode", rows=rows))
+        cases[f"decode 1 at {length}"] = (1, length, dict(op="decode", rows=np.zeros(1, np.int32)))
     for size in chunks:
         cases[f"chunk {size}"] = (0, lengths[0], dict(op="prefill", size=size))
         cases[f"chunk {size} + {slots - 1} at {lengths[0]}"] = (slots - 1, lengths[0], dict(op="prefill", size=size))
@@ -188,6 +186,13 @@ def main():
     parser.add_argument("--chunks", default="64,128,256", help="--steps: prompt chunk sizes")
     parser.add_argument("--rounds", type=int, default=4, help="--steps: alternating rounds")
     args = parser.parse_args()
+    try:
+        lengths = [int(v) for v in args.lengths.split(",")]
+        chunks = [int(v) for v in args.chunks.split(",")]
+    except ValueError:
+        parser.error("--lengths and --chunks take comma-separated integers")
+    if args.rounds < 1 or min(lengths) < 1 or any(c < 16 or c & (c - 1) for c in chunks):
+        parser.error("--rounds and --lengths must be >= 1, --chunks powers of two >= 16")
 
     import mixtral_jax as mj
     from mixtral_jax.checkpoint import save
@@ -197,8 +202,6 @@ def main():
         save(f"{tmp}/small", config, mj.init_params(config, seed=0), tokenizer=mj.Tokenizer().path)
         model = mj.load(f"{tmp}/small")
     if args.steps:
-        lengths = [int(v) for v in args.lengths.split(",")]
-        chunks = [int(v) for v in args.chunks.split(",")]
         times = step_costs(model, lengths=lengths, chunks=chunks, rounds=args.rounds)
         print(f"engine steps, small config, 8 slots (median of {args.rounds} alternating rounds; each round's ms):")
         for label, ts in times.items():

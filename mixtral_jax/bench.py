@@ -315,11 +315,26 @@ def _with_checkpoints(config: MixtralConfig, seed: int, body: Callable[[str, str
         body(hf_folder, ckpt)
 
 
+def llama_bench_rows(llama_bench: str, paths: dict[str, str], n_prompt: int, n_gen: int,
+                     runs: int) -> list[tuple[str, int, float]]:
+    """Run llama.cpp's `llama-bench` on the GGUF files `paths` ({name: path}) with as many threads as
+    we have cores: prefill of `n_prompt` tokens and decode of `n_gen` (0: skip either). Returns
+    [(name, n_prompt of the row (0 for decode), tok/s)]."""
+    cmd = [llama_bench, *[a for p in paths.values() for a in ("-m", p)], "-p", str(n_prompt), "-n", str(n_gen),
+           "-t", str(os.cpu_count()), "-r", str(runs), "-o", "json"]
+    try:
+        run = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
+    except OSError as e:
+        raise ValueError(f"--llama-bench {llama_bench}: cannot run it ({e})") from None
+    if run.returncode != 0:
+        raise ValueError(f"llama-bench failed ({run.returncode}): {run.stderr.strip()[-500:]}")
+    by_path = {p: k for k, p in paths.items()}
+    return [(by_path[row["model_filename"]], int(row["n_prompt"]), float(row["avg_ts"])) for row in json.loads(run.stdout)]
+
+
 def bench_llama_cpp(llama_bench: str, ckpt: str, runs: int) -> dict[str, Any]:
     """llama.cpp's `llama-bench` on GGUF exports (f32, f16, q8_0) of the same weights, with as many
     threads as we have cores: {type: {"prefill_tok_s" (PREFILL_LENGTHS[-1] tokens), "decode_tok_s"}}."""
-    import json
-
     from mixtral_convert.gguf_export import export_gguf
 
     out: dict[str, Any] = {}
@@ -328,18 +343,9 @@ def bench_llama_cpp(llama_bench: str, ckpt: str, runs: int) -> dict[str, Any]:
         for kind in LLAMA_TYPES:
             paths[kind] = os.path.join(tmp, f"{kind}.gguf")
             export_gguf(ckpt, paths[kind], gguf_type=kind)
-        cmd = [llama_bench, *[a for p in paths.values() for a in ("-m", p)], "-p", str(PREFILL_LENGTHS[-1]),
-               "-n", str(LLAMA_DECODE_TOKENS), "-t", str(os.cpu_count()), "-r", str(runs), "-o", "json"]
-        try:
-            run = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
-        except OSError as e:
-            raise ValueError(f"--llama-bench {llama_bench}: cannot run it ({e})") from None
-        if run.returncode != 0:
-            raise ValueError(f"llama-bench failed ({run.returncode}): {run.stderr.strip()[-500:]}")
-        by_path = {p: k for k, p in paths.items()}
-        for row in json.loads(run.stdout):
-            r = out.setdefault(by_path[row["model_filename"]], {})
-            r["prefill_tok_s" if row["n_prompt"] else "decode_tok_s"] = float(row["avg_ts"])
+        for kind, n_prompt, rate in llama_bench_rows(llama_bench, paths, PREFILL_LENGTHS[-1], LLAMA_DECODE_TOKENS,
+                                                     runs):
+            out.setdefault(kind, {})["prefill_tok_s" if n_prompt else "decode_tok_s"] = rate
     return out
 
 
