@@ -295,7 +295,7 @@ constexpr int64_t kMaxRows = 16;
     x = x > hi ? hi : x;                                                                           \
     const f32x8v t = x * 1.44269504f, n = (t + 12582912.f) - 12582912.f;                           \
     const i32x8v bits = (__builtin_convertvector(n, i32x8v) + 127) << 23;                          \
-    return exp2_fraction(t - n) * reinterpret_cast<const f32x8v&>(bits);                           \
+    return exp2_fraction(t - n) * (f32x8v)bits;  /* a cast between vector types keeps the bits */  \
   }                                                                                                \
                                                                                                    \
   /* h[l] = silu(g[l] a) (u[l] b) for l < n (SwiGLU's product; a, b int8 scales or 1), eight lanes \
@@ -836,8 +836,6 @@ ffi::Error LinearImpl(ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w,
   return ffi::Error::Success();
 }
 
-float Silu(float v) { return v / (1.f + std::exp(-v)); }
-
 // Weight rows per MoE task (hidden rows in stage 1, output columns in stage 2), both MoE paths.
 constexpr int64_t kRows = 64;
 
@@ -938,10 +936,12 @@ bool MoeRowI16(const QuantizedRow& qx, int64_t d, int64_t f, const std::vector<s
   const int64_t f_tasks = (f + kRows - 1) / kRows;
   ParallelFor(static_cast<int64_t>(active.size()) * f_tasks, [&](int64_t i) {
     const int64_t e = active[i / f_tasks], f0 = (i % f_tasks) * kRows, f1 = std::min(f, f0 + kRows);
+    float gate[kRows], up[kRows];
     for (int64_t n = f0; n < f1; ++n) {
-      const float gate = DotI16(qx, w(e) + n * d) * sp[e][n];
-      hs[e][n] = Silu(gate) * (DotI16(qx, w(n_experts + e) + n * d) * sp[n_experts + e][n]);
+      gate[n - f0] = DotI16(qx, w(e) + n * d) * sp[e][n];
+      up[n - f0] = DotI16(qx, w(n_experts + e) + n * d) * sp[n_experts + e][n];
     }
+    SwiGlu(gate, up, f1 - f0, 1.f, 1.f, &hs[e][f0]);
   });
   std::vector<QuantizedRow> qh(n_experts);
   std::vector<float> weight(n_experts, 0.f);  // the token's gate for each expert
@@ -1027,8 +1027,7 @@ ffi::Error MoeImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> experts,
         NkRows<T>(&xs[e][r0 * d], rb, d, wp[e], sp[e], f0, f1, gate_out, kRows);
         NkRows<T>(&xs[e][r0 * d], rb, d, wp[n_experts + e], sp[n_experts + e], f0, f1, up_out, kRows);
         for (int64_t q = 0; q < rb; ++q)
-          for (int64_t j = f0; j < f1; ++j)
-            hs[e][(r0 + q) * f + j] = Silu(gate_out[q * kRows + j - f0]) * up_out[q * kRows + j - f0];
+          SwiGlu(&gate_out[q * kRows], &up_out[q * kRows], f1 - f0, 1.f, 1.f, &hs[e][(r0 + q) * f + f0]);
       }
     });
     // Stage 2: y[t] += gate * (h w_down^T), tasks over 64 output columns (all experts each).
