@@ -14,7 +14,7 @@
 //       a block of whole rows instead and the tasks' partial sums are added after.
 //   nk: w [N, K] (the CPU layout's per-expert matrices): each task owns output rows and takes dot
 //       products along contiguous weight rows. For a prompt chunk's many rows the MoE layer turns
-//       to outer products instead (`nk_panel`): each weight broadcast against 16-64 tokens held
+//       to outer products instead (`nk_panel`): each weight broadcast against 8-64 tokens held
 //       k-major, which makes it bound by arithmetic rather than by memory.
 // Decode attention (`attend_part`) reads a float32 KV cache in its own [rows, slots, K, H] layout:
 // each row's visible slots in parts of whole slots (keys and values read once for all heads), a
@@ -63,6 +63,9 @@ constexpr int64_t kAhead = 4;
 constexpr int64_t kMaxRows = 16;
 
 #define MJ_KERNEL_BODY                                                                             \
+  typedef float f32x8v __attribute__((vector_size(32)));                                           \
+  typedef int32_t i32x8v __attribute__((vector_size(32)));                                         \
+                                                                                                   \
   template <WType T>                                                                               \
   inline f32x16 load16(const void* base, int64_t i) {                                              \
     if constexpr (T == WType::kF32) {                                                              \
@@ -160,16 +163,34 @@ constexpr int64_t kMaxRows = 16;
       for (int j = 0; j < MV; ++j) storef(c + i * ldc + 16 * j, acc[i][j]);                        \
   }                                                                                                \
                                                                                                    \
-  /* c[(n - n0) * kPanel + l] += sum_k w[n, k] xt[k * ldx + l] for n in [n0, n1), l < 16 mv: weight */\
-  /* rows of w [N, K] times an activation panel of up to kPanel tokens, k in blocks of kKc (the */ \
+  /* `op_block` for a panel's last eight tokens (kHalfLanes): NR one-register accumulators (two */ \
+  /* per row, for even and odd k, measured no faster). */                                          \
+  template <int NR>                                                                                \
+  void op_half(const float* w, int64_t ldw, const float* xt, int64_t ldx, int64_t kc, float* c,    \
+               int64_t ldc) {                                                                      \
+    f32x8v acc[NR];                                                                                \
+    for (int i = 0; i < NR; ++i) std::memcpy(&acc[i], c + i * ldc, 32);                            \
+    for (int64_t k = 0; k < kc; ++k) {                                                             \
+      f32x8v xv;                                                                                   \
+      std::memcpy(&xv, xt + k * ldx, 32);                                                          \
+      for (int i = 0; i < NR; ++i) acc[i] += w[i * ldw + k] * xv;                                  \
+    }                                                                                              \
+    for (int i = 0; i < NR; ++i) std::memcpy(c + i * ldc, &acc[i], 32);                            \
+  }                                                                                                \
+                                                                                                   \
+  /* c[(n - n0) * kPanel + l] += sum_k w[n, k] xt[k * ldx + l] for n in [n0, n1), l < lanes: weight */\
+  /* rows of w [N, K] times an activation panel of up to kPanel tokens (whole vectors of 16, and on */\
+  /* AVX2 maybe a last half of 8: kHalfLanes), k in blocks of kKc (the */                          \
   /* panel's block stays in L1 while the rows pass); bf16/int8 rows are widened block by block, */ \
   /* and the next row group's block is prefetched while this one computes. Register blocks: with 32 */\
   /* vector registers (kWide) 8 rows x up to 3 vectors of 16 tokens, or 4 x 4; with 16 (AVX2, a */ \
   /* 16-token vector is two registers) 6 rows x one vector, vector by vector (BLIS's 6x16). */     \
   template <WType T>                                                                               \
   void nk_panel(const void* w, int64_t k_dim, int64_t n0, int64_t n1, const float* xt, int64_t ldx,\
-                int mv, float* c) {                                                                \
+                int64_t lanes, float* c) {                                                         \
     alignas(64) float scratch[8 * kKc];                                                            \
+    const int mv = static_cast<int>(lanes / 16);                                                   \
+    const bool half = kHalfLanes && lanes % 16;                                                    \
     const int64_t nr = kWide ? (mv <= 3 ? 8 : 4) : 6;                                              \
     const int64_t kcb = (kWide ? mv == 4 : mv >= 3) ? kKc / 2 : kKc;                               \
     for (int64_t kb = 0; kb < k_dim; kb += kcb) {                                                  \
@@ -213,6 +234,18 @@ constexpr int64_t kMaxRows = 16;
               case 3: op_block<3, 1>(wr, ldw, xj, ldx, kc, cj, kPanel); break;                     \
               case 2: op_block<2, 1>(wr, ldw, xj, ldx, kc, cj, kPanel); break;                     \
               default: op_block<1, 1>(wr, ldw, xj, ldx, kc, cj, kPanel); break;                    \
+            }                                                                                      \
+          }                                                                                        \
+          if (half) {                                                                              \
+            const float* xj = xk + 16 * mv;                                                        \
+            float* cj = cn + 16 * mv;                                                              \
+            switch (rows) {                                                                        \
+              case 6: op_half<6>(wr, ldw, xj, ldx, kc, cj, kPanel); break;                         \
+              case 5: op_half<5>(wr, ldw, xj, ldx, kc, cj, kPanel); break;                         \
+              case 4: op_half<4>(wr, ldw, xj, ldx, kc, cj, kPanel); break;                         \
+              case 3: op_half<3>(wr, ldw, xj, ldx, kc, cj, kPanel); break;                         \
+              case 2: op_half<2>(wr, ldw, xj, ldx, kc, cj, kPanel); break;                         \
+              default: op_half<1>(wr, ldw, xj, ldx, kc, cj, kPanel); break;                        \
             }                                                                                      \
           }                                                                                        \
         }                                                                                          \
@@ -287,8 +320,6 @@ constexpr int64_t kMaxRows = 16;
                                                                                                    \
   /* exp_clamped on eight lanes (GCC vector extensions: one instruction per operation with AVX2,   \
      two with SSE2). */                                                                            \
-  typedef float f32x8v __attribute__((vector_size(32)));                                           \
-  typedef int32_t i32x8v __attribute__((vector_size(32)));                                         \
   inline f32x8v exp_clamped8(f32x8v x) {                                                           \
     const f32x8v lo = f32x8v{} - 87.3f, hi = f32x8v{} + 88.3f;                                     \
     x = x < lo ? lo : x;                                                                           \
@@ -397,6 +428,7 @@ int64_t KnTileWidth(int64_t rows, int64_t n, int64_t threads) {
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,fma")
 namespace avx512 {
 constexpr bool kWide = true;  // 32 vector registers
+constexpr bool kHalfLanes = false;  // panels in whole 16-lane vectors
 typedef float f32x16 __attribute__((vector_size(64)));
 inline f32x16 loadf(const float* p) {
   f32x16 r;
@@ -422,6 +454,9 @@ MJ_KERNEL_BODY
 #pragma GCC target("avx2,fma")
 namespace avx2 {
 constexpr bool kWide = false;
+// A panel may end in half a vector (eight tokens, one register): an expert's tokens are padded to
+// 8, not 16 (a 128-token chunk's experts average 32 tokens and were padded ~25% beyond them).
+constexpr bool kHalfLanes = true;
 // Sixteen lanes as two ymm registers. GCC lowers a 64-byte vector_size type without AVX-512
 // through the stack (each FMA of a register block stored and reloaded in 16-byte pieces: the
 // panel kernel ran 6x slower than XLA); as a pair of 32-byte vectors every operation is one
@@ -536,6 +571,7 @@ float dot_i16(const int16_t* q, const float* s, const int8_t* w, int64_t k) {
 #endif
 namespace generic {
 constexpr bool kWide = false;
+constexpr bool kHalfLanes = false;
 typedef float f32x16 __attribute__((vector_size(64)));
 inline f32x16 loadf(const float* p) {
   f32x16 r;
@@ -602,12 +638,20 @@ void KnRows(const float* x, int64_t m, int64_t k, const void* w, int64_t n, int6
 }
 
 template <WType T>
-void NkPanel(const void* w, int64_t k, int64_t n0, int64_t n1, const float* xt, int64_t ldx, int mv, float* c) {
+void NkPanel(const void* w, int64_t k, int64_t n0, int64_t n1, const float* xt, int64_t ldx, int64_t lanes, float* c) {
 #if defined(__x86_64__) && defined(__GNUC__)
-  if (kIsa == Isa::kAvx512) return avx512::nk_panel<T>(w, k, n0, n1, xt, ldx, mv, c);
-  if (kIsa == Isa::kAvx2) return avx2::nk_panel<T>(w, k, n0, n1, xt, ldx, mv, c);
+  if (kIsa == Isa::kAvx512) return avx512::nk_panel<T>(w, k, n0, n1, xt, ldx, lanes, c);
+  if (kIsa == Isa::kAvx2) return avx2::nk_panel<T>(w, k, n0, n1, xt, ldx, lanes, c);
 #endif
-  generic::nk_panel<T>(w, k, n0, n1, xt, ldx, mv, c);
+  generic::nk_panel<T>(w, k, n0, n1, xt, ldx, lanes, c);
+}
+
+// The token granularity of `NkPanel`'s panels on this processor.
+int64_t PanelLanes() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  if (kIsa == Isa::kAvx2) return avx2::kHalfLanes ? 8 : 16;
+#endif
+  return 16;
 }
 
 template <WType T>
@@ -840,9 +884,10 @@ ffi::Error LinearImpl(ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w,
 constexpr int64_t kRows = 64;
 
 // The MoE layer for many tokens (a prompt chunk), bound by arithmetic rather than memory: each
-// expert's rows gathered transposed ([D, rows rounded up to 16], tokens along the vector lanes),
-// then register-blocked outer products (`nk_panel`) that use every weight broadcast for up to
-// kPanel tokens. No rows are padded beyond the next 16 per expert (XLA's `sorted` steps pad to 32).
+// expert's rows gathered transposed ([D, rows rounded up to `PanelLanes`, 8 or 16], tokens along
+// the vector lanes), then register-blocked outer products (`nk_panel`) that use every weight
+// broadcast for up to kPanel tokens. No rows are padded beyond that rounding (XLA's `sorted` steps
+// pad to 32).
 // Stage 1 tasks: (expert, 64 hidden rows); stage 2 tasks: 64 output columns over all experts, so
 // no two tasks add into the same output.
 void MoePanels(const float* x, int64_t t_dim, int64_t d, int64_t f, int64_t top, const float* g,
@@ -853,16 +898,18 @@ void MoePanels(const float* x, int64_t t_dim, int64_t d, int64_t f, int64_t top,
   // Uninitialised: every lane of ht is written in stage 1, and xt's padding lanes are zeroed below.
   std::vector<std::unique_ptr<float[]>> xt(n_experts), ht(n_experts);
   // Each expert's vectors of 16 tokens split into as few panels of at most kPanel tokens as
-  // possible, evenly (5 vectors: 3 + 2, not 4 + 1: a one-vector panel broadcasts a weight per FMA).
-  std::vector<std::vector<std::pair<int64_t, int>>> panels(n_experts);
+  // possible, evenly (5 vectors: 3 + 2, not 4 + 1: a one-vector panel broadcasts a weight per FMA);
+  // a half vector, if any, ends the last (smallest) panel. Panels as (first token, tokens).
+  std::vector<std::vector<std::pair<int64_t, int64_t>>> panels(n_experts);
+  const int64_t lanes = PanelLanes();
   for (int64_t e : active) {
     const int64_t r = rows[e].size();
-    mpad[e] = (r + 15) / 16 * 16;
-    const int64_t vecs = mpad[e] / 16, most = kPanel / 16, n = (vecs + most - 1) / most;
+    mpad[e] = (r + lanes - 1) / lanes * lanes;
+    const int64_t vecs = mpad[e] / 16, n = (mpad[e] + kPanel - 1) / kPanel;
     for (int64_t i = 0, at = 0; i < n; ++i) {
-      const int mv = static_cast<int>(vecs / n + (i < vecs % n));
-      panels[e].emplace_back(at, mv);
-      at += 16 * mv;
+      const int64_t size = 16 * (vecs / n + (i < vecs % n)) + (i == n - 1 ? mpad[e] % 16 : 0);
+      panels[e].emplace_back(at, size);
+      at += size;
     }
     xt[e].reset(new float[d * mpad[e]]);
     ht[e].reset(new float[f * mpad[e]]);
@@ -897,9 +944,9 @@ void MoePanels(const float* x, int64_t t_dim, int64_t d, int64_t f, int64_t top,
         NkPanel<T>(wp[n_experts + e], d, f0, f1, xt[e].get() + panels[e][j].first, mpad[e], panels[e][j].second,
                    &cu[j * block]);
       for (int64_t j = 0; j < np; ++j) {
-        const auto [p0, mv] = panels[e][j];
+        const auto [p0, size] = panels[e][j];
         for (int64_t n = f0; n < f1; ++n)
-          SwiGlu(&cg[j * block + (n - f0) * kPanel], &cu[j * block + (n - f0) * kPanel], 16 * mv,
+          SwiGlu(&cg[j * block + (n - f0) * kPanel], &cu[j * block + (n - f0) * kPanel], size,
                  sg ? sg[n] : 1.f, su ? su[n] : 1.f, ht[e].get() + n * mpad[e] + p0);
       }
     });
@@ -910,10 +957,10 @@ void MoePanels(const float* x, int64_t t_dim, int64_t d, int64_t f, int64_t top,
       for (int64_t e : active) {
         const float* sd = sp[2 * n_experts + e];
         const int64_t r = rows[e].size();
-        for (const auto& [p0, mv] : panels[e]) {
+        for (const auto& [p0, size] : panels[e]) {
           std::memset(c, 0, sizeof(c));
-          NkPanel<T>(wp[2 * n_experts + e], f, d0, d1, ht[e].get() + p0, mpad[e], mv, c);
-          for (int64_t l = 0; l < std::min<int64_t>(16 * mv, r - p0); ++l) {
+          NkPanel<T>(wp[2 * n_experts + e], f, d0, d1, ht[e].get() + p0, mpad[e], size, c);
+          for (int64_t l = 0; l < std::min(size, r - p0); ++l) {
             const int64_t a = rows[e][p0 + l];
             float* yt = y + (a / top) * d;
             for (int64_t n = d0; n < d1; ++n) yt[n] += g[a] * c[(n - d0) * kPanel + l] * (sd ? sd[n] : 1.f);
