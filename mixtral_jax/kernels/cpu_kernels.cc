@@ -185,6 +185,7 @@ constexpr int64_t kMaxRows = 16;
   /* and the next row group's block is prefetched while this one computes. Register blocks: with 32 */\
   /* vector registers (kWide) 8 rows x up to 3 vectors of 16 tokens, or 4 x 4; with 16 (AVX2, a */ \
   /* 16-token vector is two registers) 6 rows x one vector, vector by vector (BLIS's 6x16). */     \
+  static_assert(!(kWide && kHalfLanes), "only the 16-register blocks run half vectors");          \
   template <WType T>                                                                               \
   void nk_panel(const void* w, int64_t k_dim, int64_t n0, int64_t n1, const float* xt, int64_t ldx,\
                 int64_t lanes, float* c) {                                                         \
@@ -646,12 +647,14 @@ void NkPanel(const void* w, int64_t k, int64_t n0, int64_t n1, const float* xt, 
   generic::nk_panel<T>(w, k, n0, n1, xt, ldx, lanes, c);
 }
 
-// The token granularity of `NkPanel`'s panels on this processor.
+// The token granularity of `NkPanel`'s panels on this processor (8 where a panel may end in half a
+// vector).
 int64_t PanelLanes() {
 #if defined(__x86_64__) && defined(__GNUC__)
+  if (kIsa == Isa::kAvx512) return avx512::kHalfLanes ? 8 : 16;
   if (kIsa == Isa::kAvx2) return avx2::kHalfLanes ? 8 : 16;
 #endif
-  return 16;
+  return generic::kHalfLanes ? 8 : 16;
 }
 
 template <WType T>
