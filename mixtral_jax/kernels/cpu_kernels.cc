@@ -14,8 +14,8 @@
 //       a block of whole rows instead and the tasks' partial sums are added after.
 //   nk: w [N, K] (the CPU layout's per-expert matrices): each task owns output rows and takes dot
 //       products along contiguous weight rows. For a prompt chunk's many rows the MoE layer turns
-//       to outer products instead (`nk_panel`): each weight broadcast against 8-64 tokens held
-//       k-major, which makes it bound by arithmetic rather than by memory.
+//       to outer products instead (`nk_panel`): each weight broadcast against 8-64 tokens (8-24 on
+//       AVX2) held k-major, which makes it bound by arithmetic rather than by memory.
 // Decode attention (`attend_part`) reads a float32 KV cache in its own [rows, slots, K, H] layout:
 // each row's visible slots in parts of whole slots (keys and values read once for all heads), a
 // softmax per part, then the parts merged.
@@ -163,35 +163,96 @@ constexpr int64_t kMaxRows = 16;
       for (int j = 0; j < MV; ++j) storef(c + i * ldc + 16 * j, acc[i][j]);                        \
   }                                                                                                \
                                                                                                    \
-  /* `op_block` for a panel's last eight tokens (kHalfLanes): NR one-register accumulators (two */ \
-  /* per row, for even and odd k, measured no faster). */                                          \
-  template <int NR>                                                                                \
-  void op_half(const float* w, int64_t ldw, const float* xt, int64_t ldx, int64_t kc, float* c,    \
-               int64_t ldc) {                                                                      \
-    f32x8v acc[NR];                                                                                \
-    for (int i = 0; i < NR; ++i) std::memcpy(&acc[i], c + i * ldc, 32);                            \
-    for (int64_t k = 0; k < kc; ++k) {                                                             \
-      f32x8v xv;                                                                                   \
-      std::memcpy(&xv, xt + k * ldx, 32);                                                          \
-      for (int i = 0; i < NR; ++i) acc[i] += w[i * ldw + k] * xv;                                  \
+  /* Rows [n, n + rows) of w [N, K], k in [kb, kb + kc), as float32 rows with stride ldw: float32 */\
+  /* in place, bf16/int8 widened into scratch [rows, kc]. */                                       \
+  template <WType T>                                                                               \
+  const float* weight_block(const void* w, int64_t k_dim, int64_t n, int64_t rows, int64_t kb, int64_t kc,\
+                            float* scratch, int64_t& ldw) {                                        \
+    if constexpr (T == WType::kF32) {                                                              \
+      ldw = k_dim;                                                                                 \
+      return static_cast<const float*>(w) + n * k_dim + kb;                                        \
     }                                                                                              \
-    for (int i = 0; i < NR; ++i) std::memcpy(c + i * ldc, &acc[i], 32);                            \
+    for (int64_t i = 0; i < rows; ++i)                                                             \
+      for (int64_t k = 0; k < kc; k += 16) storef(scratch + i * kc + k, load16<T>(w, (n + i) * k_dim + kb + k));\
+    ldw = kc;                                                                                      \
+    return scratch;                                                                                \
   }                                                                                                \
                                                                                                    \
-  /* c[(n - n0) * kPanel + l] += sum_k w[n, k] xt[k * ldx + l] for n in [n0, n1), l < lanes: weight */\
-  /* rows of w [N, K] times an activation panel of up to kPanel tokens (whole vectors of 16, and on */\
-  /* AVX2 maybe a last half of 8: kHalfLanes), k in blocks of kKc (the */                          \
+  /* `op_block` in 8-lane vectors (kLanes8): NR x NV accumulators of one register each. */         \
+  template <int NR, int NV>                                                                        \
+  void op_ymm(const float* w, int64_t ldw, const float* xt, int64_t ldx, int64_t kc, float* c, int64_t ldc) {\
+    f32x8v acc[NR][NV];                                                                            \
+    _Pragma("GCC unroll 16") for (int i = 0; i < NR; ++i)                                          \
+      _Pragma("GCC unroll 16") for (int j = 0; j < NV; ++j) std::memcpy(&acc[i][j], c + i * ldc + 8 * j, 32);\
+    for (int64_t k = 0; k < kc; ++k) {                                                             \
+      f32x8v xv[NV];                                                                               \
+      _Pragma("GCC unroll 16") for (int j = 0; j < NV; ++j) std::memcpy(&xv[j], xt + k * ldx + 8 * j, 32);\
+      _Pragma("GCC unroll 16") for (int i = 0; i < NR; ++i) {                                      \
+        const float wi = w[i * ldw + k];                                                           \
+        _Pragma("GCC unroll 16") for (int j = 0; j < NV; ++j) acc[i][j] += wi * xv[j];             \
+      }                                                                                            \
+    }                                                                                              \
+    _Pragma("GCC unroll 16") for (int i = 0; i < NR; ++i)                                          \
+      _Pragma("GCC unroll 16") for (int j = 0; j < NV; ++j) std::memcpy(c + i * ldc + 8 * j, &acc[i][j], 32);\
+  }                                                                                                \
+                                                                                                   \
+  /* `op_ymm` over `rows` weight rows, NR at a time, the rest in one smaller block. */             \
+  template <int NR, int NV>                                                                        \
+  void rows_ymm(const float* w, int64_t ldw, const float* xt, int64_t ldx, int64_t kc, float* c, int64_t ldc,\
+                int64_t rows) {                                                                    \
+    int64_t i = 0;                                                                                 \
+    for (; i + NR <= rows; i += NR) op_ymm<NR, NV>(w + i * ldw, ldw, xt, ldx, kc, c + i * ldc, ldc);\
+    if constexpr (NR > 1)                                                                          \
+      if (i < rows) rows_ymm<NR - 1, NV>(w + i * ldw, ldw, xt, ldx, kc, c + i * ldc, ldc, rows - i);\
+  }                                                                                                \
+                                                                                                   \
+  /* `nk_panel` in 8-lane vectors (kLanes8), for any number of them: k in blocks (256 up to 24 */  \
+  /* tokens, else 128), rows in blocks of 12 (whose block of weights stays in L1), and for each */ \
+  /* row block the tokens' vectors in groups of up to three, each in the register block that */    \
+  /* suits it with 16 registers: 6 rows x 1 vector, 6 x 2 or 4 x 3. Hot, on one core: 68-72, */    \
+  /* 94-97 and 95-98 GFLOP/s, where 16-token vectors (6 x 2 registers) one at a time ran 84-85, */ \
+  /* and 3 x 4 blocks, 85-89 (BENCHMARKS.md, "AVX2 machine, 2026-12-03"). */                       \
+  template <WType T>                                                                               \
+  void nk_panel8(const void* w, int64_t k_dim, int64_t n0, int64_t n1, const float* xt, int64_t ldx,\
+                 int64_t lanes, float* c, int64_t ldc) {                                           \
+    constexpr int64_t kRowBlock = 12;                                                              \
+    alignas(64) float scratch[kRowBlock * 2 * kKc];                                                \
+    const int64_t kcb = lanes <= 24 ? 2 * kKc : kKc;                                               \
+    const int nv = static_cast<int>(lanes / 8);                                                    \
+    for (int64_t kb = 0; kb < k_dim; kb += kcb) {                                                  \
+      const int64_t kc = std::min(kcb, k_dim - kb);                                                \
+      for (int64_t n = n0; n < n1; n += kRowBlock) {                                               \
+        const int64_t rows = std::min(kRowBlock, n1 - n);                                          \
+        int64_t ldw;                                                                               \
+        const float* wr = weight_block<T>(w, k_dim, n, rows, kb, kc, scratch, ldw);                \
+        for (int j = 0; j < nv;) {                                                                 \
+          const int left = nv - j, group = left >= 6 ? 3 : left >= 4 ? 2 : left;                   \
+          const float* xj = xt + kb * ldx + 8 * j;                                                 \
+          float* cj = c + (n - n0) * ldc + 8 * j;                                                  \
+          switch (group) {                                                                         \
+            case 1: rows_ymm<6, 1>(wr, ldw, xj, ldx, kc, cj, ldc, rows); break;                    \
+            case 2: rows_ymm<6, 2>(wr, ldw, xj, ldx, kc, cj, ldc, rows); break;                    \
+            default: rows_ymm<4, 3>(wr, ldw, xj, ldx, kc, cj, ldc, rows); break;                   \
+          }                                                                                        \
+          j += group;                                                                              \
+        }                                                                                          \
+      }                                                                                            \
+    }                                                                                              \
+  }                                                                                                \
+                                                                                                   \
+  /* c[(n - n0) * ldc + l] += sum_k w[n, k] xt[k * ldx + l] for n in [n0, n1), l < lanes: weight */\
+  /* rows of w [N, K] times an activation panel (tokens along the lanes: whole vectors of 16, up to */\
+  /* kPanel of them; on AVX2 any number of 8-lane vectors, `nk_panel8`), k in blocks of kKc (the */\
   /* panel's block stays in L1 while the rows pass); bf16/int8 rows are widened block by block, */ \
-  /* and the next row group's block is prefetched while this one computes. Register blocks: with 32 */\
-  /* vector registers (kWide) 8 rows x up to 3 vectors of 16 tokens, or 4 x 4; with 16 (AVX2, a */ \
-  /* 16-token vector is two registers) 6 rows x one vector, vector by vector (BLIS's 6x16). */     \
-  static_assert(!(kWide && kHalfLanes), "only the 16-register blocks run half vectors");          \
+  /* and the next row group's block is prefetched while this one computes. Register blocks with 32 */\
+  /* vector registers (kWide): 8 rows x up to 3 vectors of 16 tokens, or 4 x 4; with 16 and */     \
+  /* 16-lane vectors (generic): 6 rows x one vector, vector by vector (BLIS's 6x16). */            \
   template <WType T>                                                                               \
   void nk_panel(const void* w, int64_t k_dim, int64_t n0, int64_t n1, const float* xt, int64_t ldx,\
-                int64_t lanes, float* c) {                                                         \
+                int64_t lanes, float* c, int64_t ldc) {                                            \
+    if constexpr (kLanes8) return nk_panel8<T>(w, k_dim, n0, n1, xt, ldx, lanes, c, ldc);          \
     alignas(64) float scratch[8 * kKc];                                                            \
     const int mv = static_cast<int>(lanes / 16);                                                   \
-    const bool half = kHalfLanes && lanes % 16;                                                    \
     const int64_t nr = kWide ? (mv <= 3 ? 8 : 4) : 6;                                              \
     const int64_t kcb = (kWide ? mv == 4 : mv >= 3) ? kKc / 2 : kKc;                               \
     for (int64_t kb = 0; kb < k_dim; kb += kcb) {                                                  \
@@ -203,50 +264,28 @@ constexpr int64_t kMaxRows = 16;
           for (int64_t i = 0; i < std::min(nr, n1 - pn); ++i)                                      \
             for (int64_t b = 0; b < kc * kBytes<T>; b += 64)                                       \
               __builtin_prefetch(static_cast<const char*>(w) + ((pn + i) * k_dim + pk) * kBytes<T> + b, 0, 2);\
-        const float* wr = scratch;                                                                 \
-        int64_t ldw = kc;                                                                          \
-        if constexpr (T == WType::kF32) {                                                          \
-          wr = static_cast<const float*>(w) + n * k_dim + kb;                                      \
-          ldw = k_dim;                                                                             \
-        } else {                                                                                   \
-          for (int64_t i = 0; i < rows; ++i)                                                       \
-            for (int64_t k = 0; k < kc; k += 16) {                                                 \
-              const f32x16 v = load16<T>(w, (n + i) * k_dim + kb + k);                             \
-              storef(scratch + i * kc + k, v);                                                     \
-            }                                                                                      \
-        }                                                                                          \
-        float* cn = c + (n - n0) * kPanel;                                                         \
+        int64_t ldw;                                                                               \
+        const float* wr = weight_block<T>(w, k_dim, n, rows, kb, kc, scratch, ldw);                \
+        float* cn = c + (n - n0) * ldc;                                                            \
         const float* xk = xt + kb * ldx;                                                           \
         if constexpr (kWide) {                                                                     \
           switch (mv) {                                                                            \
-            case 1: op_block<8, 1>(wr, ldw, xk, ldx, kc, cn, kPanel); break;                       \
-            case 2: op_block<8, 2>(wr, ldw, xk, ldx, kc, cn, kPanel); break;                       \
-            case 3: op_block<8, 3>(wr, ldw, xk, ldx, kc, cn, kPanel); break;                       \
-            default: op_block<4, 4>(wr, ldw, xk, ldx, kc, cn, kPanel); break;                      \
+            case 1: op_block<8, 1>(wr, ldw, xk, ldx, kc, cn, ldc); break;                          \
+            case 2: op_block<8, 2>(wr, ldw, xk, ldx, kc, cn, ldc); break;                          \
+            case 3: op_block<8, 3>(wr, ldw, xk, ldx, kc, cn, ldc); break;                          \
+            default: op_block<4, 4>(wr, ldw, xk, ldx, kc, cn, ldc); break;                         \
           }                                                                                        \
         } else {                                                                                   \
           for (int j = 0; j < mv; ++j) {                                                           \
             const float* xj = xk + 16 * j;                                                         \
             float* cj = cn + 16 * j;                                                               \
             switch (rows) {                                                                        \
-              case 6: op_block<6, 1>(wr, ldw, xj, ldx, kc, cj, kPanel); break;                     \
-              case 5: op_block<5, 1>(wr, ldw, xj, ldx, kc, cj, kPanel); break;                     \
-              case 4: op_block<4, 1>(wr, ldw, xj, ldx, kc, cj, kPanel); break;                     \
-              case 3: op_block<3, 1>(wr, ldw, xj, ldx, kc, cj, kPanel); break;                     \
-              case 2: op_block<2, 1>(wr, ldw, xj, ldx, kc, cj, kPanel); break;                     \
-              default: op_block<1, 1>(wr, ldw, xj, ldx, kc, cj, kPanel); break;                    \
-            }                                                                                      \
-          }                                                                                        \
-          if (half) {                                                                              \
-            const float* xj = xk + 16 * mv;                                                        \
-            float* cj = cn + 16 * mv;                                                              \
-            switch (rows) {                                                                        \
-              case 6: op_half<6>(wr, ldw, xj, ldx, kc, cj, kPanel); break;                         \
-              case 5: op_half<5>(wr, ldw, xj, ldx, kc, cj, kPanel); break;                         \
-              case 4: op_half<4>(wr, ldw, xj, ldx, kc, cj, kPanel); break;                         \
-              case 3: op_half<3>(wr, ldw, xj, ldx, kc, cj, kPanel); break;                         \
-              case 2: op_half<2>(wr, ldw, xj, ldx, kc, cj, kPanel); break;                         \
-              default: op_half<1>(wr, ldw, xj, ldx, kc, cj, kPanel); break;                        \
+              case 6: op_block<6, 1>(wr, ldw, xj, ldx, kc, cj, ldc); break;                        \
+              case 5: op_block<5, 1>(wr, ldw, xj, ldx, kc, cj, ldc); break;                        \
+              case 4: op_block<4, 1>(wr, ldw, xj, ldx, kc, cj, ldc); break;                        \
+              case 3: op_block<3, 1>(wr, ldw, xj, ldx, kc, cj, ldc); break;                        \
+              case 2: op_block<2, 1>(wr, ldw, xj, ldx, kc, cj, ldc); break;                        \
+              default: op_block<1, 1>(wr, ldw, xj, ldx, kc, cj, ldc); break;                       \
             }                                                                                      \
           }                                                                                        \
         }                                                                                          \
@@ -403,9 +442,10 @@ constexpr int64_t kTile = 512;
 // and how far ahead each weight stream is prefetched.
 constexpr int64_t kQBlock = 64;
 constexpr int64_t kRowAhead = 8192;
-// The MoE layer for more rows than kMaxRows (prompt chunks): activation panels of up to kPanel
-// tokens per expert, k in blocks of kKc, half that for a 64-token panel (blocks of 16-24 KB stay
-// in L1 beside the weight rows; 64-token panels ran 5-9% faster at 264-384 tokens with 64 than 128).
+// The MoE layer for more rows than kMaxRows (prompt chunks): 16-lane activation panels of up to
+// kPanel tokens per expert, k in blocks of kKc, half that for a 64-token panel (blocks of 16-24 KB
+// stay in L1 beside the weight rows; 64-token panels ran 5-9% faster at 264-384 tokens with 64 than
+// 128); 8-lane panels (`nk_panel8`) choose their own blocks.
 constexpr int64_t kPanel = 64;
 constexpr int64_t kKc = 128;
 // Activation rows up to which [in, out] products split the weight rows over tasks (`kn_rows`),
@@ -429,7 +469,7 @@ int64_t KnTileWidth(int64_t rows, int64_t n, int64_t threads) {
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,fma")
 namespace avx512 {
 constexpr bool kWide = true;  // 32 vector registers
-constexpr bool kHalfLanes = false;  // panels in whole 16-lane vectors
+constexpr bool kLanes8 = false;  // panels in whole 16-lane vectors, up to kPanel tokens
 typedef float f32x16 __attribute__((vector_size(64)));
 inline f32x16 loadf(const float* p) {
   f32x16 r;
@@ -455,9 +495,10 @@ MJ_KERNEL_BODY
 #pragma GCC target("avx2,fma")
 namespace avx2 {
 constexpr bool kWide = false;
-// A panel may end in half a vector (eight tokens, one register): an expert's tokens are padded to
-// 8, not 16 (a 128-token chunk's experts average 32 tokens and were padded ~25% beyond them).
-constexpr bool kHalfLanes = true;
+// Panels in 8-lane vectors (one register; `nk_panel8`): an expert's tokens are padded to 8, not 16
+// (a 128-token chunk's experts average 32 tokens and were padded ~25% beyond them), and each
+// expert's tokens make one panel however many.
+constexpr bool kLanes8 = true;
 // Sixteen lanes as two ymm registers. GCC lowers a 64-byte vector_size type without AVX-512
 // through the stack (each FMA of a register block stored and reloaded in 16-byte pieces: the
 // panel kernel ran 6x slower than XLA); as a pair of 32-byte vectors every operation is one
@@ -572,7 +613,7 @@ float dot_i16(const int16_t* q, const float* s, const int8_t* w, int64_t k) {
 #endif
 namespace generic {
 constexpr bool kWide = false;
-constexpr bool kHalfLanes = false;
+constexpr bool kLanes8 = false;
 typedef float f32x16 __attribute__((vector_size(64)));
 inline f32x16 loadf(const float* p) {
   f32x16 r;
@@ -639,22 +680,23 @@ void KnRows(const float* x, int64_t m, int64_t k, const void* w, int64_t n, int6
 }
 
 template <WType T>
-void NkPanel(const void* w, int64_t k, int64_t n0, int64_t n1, const float* xt, int64_t ldx, int64_t lanes, float* c) {
+void NkPanel(const void* w, int64_t k, int64_t n0, int64_t n1, const float* xt, int64_t ldx, int64_t lanes, float* c,
+             int64_t ldc) {
 #if defined(__x86_64__) && defined(__GNUC__)
-  if (kIsa == Isa::kAvx512) return avx512::nk_panel<T>(w, k, n0, n1, xt, ldx, lanes, c);
-  if (kIsa == Isa::kAvx2) return avx2::nk_panel<T>(w, k, n0, n1, xt, ldx, lanes, c);
+  if (kIsa == Isa::kAvx512) return avx512::nk_panel<T>(w, k, n0, n1, xt, ldx, lanes, c, ldc);
+  if (kIsa == Isa::kAvx2) return avx2::nk_panel<T>(w, k, n0, n1, xt, ldx, lanes, c, ldc);
 #endif
-  generic::nk_panel<T>(w, k, n0, n1, xt, ldx, lanes, c);
+  generic::nk_panel<T>(w, k, n0, n1, xt, ldx, lanes, c, ldc);
 }
 
-// The token granularity of `NkPanel`'s panels on this processor (8 where a panel may end in half a
-// vector).
+// The token granularity of `NkPanel`'s panels on this processor (8 where they are made of 8-lane
+// vectors, and each expert's tokens make one panel).
 int64_t PanelLanes() {
 #if defined(__x86_64__) && defined(__GNUC__)
-  if (kIsa == Isa::kAvx512) return avx512::kHalfLanes ? 8 : 16;
-  if (kIsa == Isa::kAvx2) return avx2::kHalfLanes ? 8 : 16;
+  if (kIsa == Isa::kAvx512) return avx512::kLanes8 ? 8 : 16;
+  if (kIsa == Isa::kAvx2) return avx2::kLanes8 ? 8 : 16;
 #endif
-  return generic::kHalfLanes ? 8 : 16;
+  return generic::kLanes8 ? 8 : 16;
 }
 
 template <WType T>
@@ -889,10 +931,13 @@ constexpr int64_t kRows = 64;
 // The MoE layer for many tokens (a prompt chunk), bound by arithmetic rather than memory: each
 // expert's rows gathered transposed ([D, rows rounded up to `PanelLanes`, 8 or 16], tokens along
 // the vector lanes), then register-blocked outer products (`nk_panel`) that use every weight
-// broadcast for up to kPanel tokens. No rows are padded beyond that rounding (XLA's `sorted` steps
-// pad to 32).
-// Stage 1 tasks: (expert, 64 hidden rows); stage 2 tasks: 64 output columns over all experts, so
-// no two tasks add into the same output.
+// broadcast for up to kPanel tokens (any number in 8-lane panels). No rows are padded beyond that
+// rounding (XLA's `sorted` steps pad to 32).
+// Stage 1 tasks: (expert, 64 hidden rows); stage 2 tasks: 64 output columns over all experts (128
+// with 8-lane panels), so no two tasks add into the same output. Each stage-2 task reads every
+// expert's hidden panel, [F, tokens]: at 512 tokens, 1.8 MB an expert, more than the task's
+// weights, from L3; 128 columns halve that traffic (a 512-token layer 7% faster, one of 128 tokens
+// within 2%: BENCHMARKS.md, "AVX2 machine, 2026-12-03").
 void MoePanels(const float* x, int64_t t_dim, int64_t d, int64_t f, int64_t top, const float* g,
                const std::vector<std::vector<int64_t>>& rows, const std::vector<int64_t>& active,
                const std::vector<const void*>& wp, const std::vector<const float*>& sp, int64_t n_experts,
@@ -900,19 +945,26 @@ void MoePanels(const float* x, int64_t t_dim, int64_t d, int64_t f, int64_t top,
   std::vector<int64_t> mpad(n_experts, 0);
   // Uninitialised: every lane of ht is written in stage 1, and xt's padding lanes are zeroed below.
   std::vector<std::unique_ptr<float[]>> xt(n_experts), ht(n_experts);
-  // Each expert's vectors of 16 tokens split into as few panels of at most kPanel tokens as
-  // possible, evenly (5 vectors: 3 + 2, not 4 + 1: a one-vector panel broadcasts a weight per FMA);
-  // a half vector, if any, ends the last (smallest) panel. Panels as (first token, tokens).
+  // With 16-lane vectors, each expert's vectors split into as few panels of at most kPanel tokens
+  // as possible, evenly (5 vectors: 3 + 2, not 4 + 1: a one-vector panel broadcasts a weight per
+  // FMA); with 8-lane vectors one panel of all of them. Panels as (first token, tokens).
   std::vector<std::vector<std::pair<int64_t, int64_t>>> panels(n_experts);
   const int64_t lanes = PanelLanes();
+  const bool one_panel = lanes == 8;
+  int64_t ldc = kPanel;  // the stride of a panel's products, one row of w per stride
   for (int64_t e : active) {
     const int64_t r = rows[e].size();
     mpad[e] = (r + lanes - 1) / lanes * lanes;
-    const int64_t vecs = mpad[e] / 16, n = (mpad[e] + kPanel - 1) / kPanel;
-    for (int64_t i = 0, at = 0; i < n; ++i) {
-      const int64_t size = 16 * (vecs / n + (i < vecs % n)) + (i == n - 1 ? mpad[e] % 16 : 0);
-      panels[e].emplace_back(at, size);
-      at += size;
+    if (one_panel) {
+      panels[e].emplace_back(0, mpad[e]);
+      ldc = std::max(ldc, mpad[e]);
+    } else {
+      const int64_t vecs = mpad[e] / 16, n = (mpad[e] + kPanel - 1) / kPanel;
+      for (int64_t i = 0, at = 0; i < n; ++i) {
+        const int64_t size = 16 * (vecs / n + (i < vecs % n));
+        panels[e].emplace_back(at, size);
+        at += size;
+      }
     }
     xt[e].reset(new float[d * mpad[e]]);
     ht[e].reset(new float[f * mpad[e]]);
@@ -937,36 +989,38 @@ void MoePanels(const float* x, int64_t t_dim, int64_t d, int64_t f, int64_t top,
       // All of the expert's panels against the gate rows, then against the up rows, so that each
       // task's 64 rows of one matrix (256 KB in float32) can stay in L2 from one panel to the next
       // (gate and up rows together fill a 512 KB L2).
-      const int64_t np = static_cast<int64_t>(panels[e].size()), block = kRows * kPanel;
+      const int64_t np = static_cast<int64_t>(panels[e].size()), block = kRows * ldc;
       thread_local std::vector<float> cg, cu;
       cg.assign(np * block, 0.f);
       cu.assign(np * block, 0.f);
       for (int64_t j = 0; j < np; ++j)
-        NkPanel<T>(wp[e], d, f0, f1, xt[e].get() + panels[e][j].first, mpad[e], panels[e][j].second, &cg[j * block]);
+        NkPanel<T>(wp[e], d, f0, f1, xt[e].get() + panels[e][j].first, mpad[e], panels[e][j].second, &cg[j * block],
+                   ldc);
       for (int64_t j = 0; j < np; ++j)
         NkPanel<T>(wp[n_experts + e], d, f0, f1, xt[e].get() + panels[e][j].first, mpad[e], panels[e][j].second,
-                   &cu[j * block]);
+                   &cu[j * block], ldc);
       for (int64_t j = 0; j < np; ++j) {
         const auto [p0, size] = panels[e][j];
         for (int64_t n = f0; n < f1; ++n)
-          SwiGlu(&cg[j * block + (n - f0) * kPanel], &cu[j * block + (n - f0) * kPanel], size,
+          SwiGlu(&cg[j * block + (n - f0) * ldc], &cu[j * block + (n - f0) * ldc], size,
                  sg ? sg[n] : 1.f, su ? su[n] : 1.f, ht[e].get() + n * mpad[e] + p0);
       }
     });
-    const int64_t d_tasks = (d + kRows - 1) / kRows;
+    const int64_t d_rows = one_panel ? 2 * kRows : kRows, d_tasks = (d + d_rows - 1) / d_rows;
     ParallelFor(d_tasks, [&](int64_t i) {
-      const int64_t d0 = i * kRows, d1 = std::min(d, d0 + kRows);
-      alignas(64) float c[kRows * kPanel];
+      const int64_t d0 = i * d_rows, d1 = std::min(d, d0 + d_rows);
+      thread_local std::vector<float> c;
+      c.resize(d_rows * ldc);
       for (int64_t e : active) {
         const float* sd = sp[2 * n_experts + e];
         const int64_t r = rows[e].size();
         for (const auto& [p0, size] : panels[e]) {
-          std::memset(c, 0, sizeof(c));
-          NkPanel<T>(wp[2 * n_experts + e], f, d0, d1, ht[e].get() + p0, mpad[e], size, c);
+          std::fill(c.begin(), c.end(), 0.f);
+          NkPanel<T>(wp[2 * n_experts + e], f, d0, d1, ht[e].get() + p0, mpad[e], size, c.data(), ldc);
           for (int64_t l = 0; l < std::min(size, r - p0); ++l) {
             const int64_t a = rows[e][p0 + l];
             float* yt = y + (a / top) * d;
-            for (int64_t n = d0; n < d1; ++n) yt[n] += g[a] * c[(n - d0) * kPanel + l] * (sd ? sd[n] : 1.f);
+            for (int64_t n = d0; n < d1; ++n) yt[n] += g[a] * c[(n - d0) * ldc + l] * (sd ? sd[n] : 1.f);
           }
         }
       }
