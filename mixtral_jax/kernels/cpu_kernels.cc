@@ -209,9 +209,9 @@ constexpr int64_t kMaxRows = 16;
   /* `nk_panel` in 8-lane vectors (kLanes8), for any number of them: k in blocks (256 up to 24 */  \
   /* tokens, else 128), rows in blocks of 12 (whose block of weights stays in L1), and for each */ \
   /* row block the tokens' vectors in groups of up to three, each in the register block that */    \
-  /* suits it with 16 registers: 6 rows x 1 vector, 6 x 2 or 4 x 3. Hot, on one core: 68-72, */    \
-  /* 94-97 and 95-98 GFLOP/s, where 16-token vectors (6 x 2 registers) one at a time ran 84-85, */ \
-  /* and 3 x 4 blocks, 85-89 (BENCHMARKS.md, "AVX2 machine, 2026-12-03"). */                       \
+  /* suits it with 16 registers: 6 rows x 1 vector, 6 x 2 or 4 x 3. Hot, on one core: 67-97 */     \
+  /* GFLOP/s by panel width, where 6 rows x 16-lane vectors with a one-register last half ran */   \
+  /* 55-85 (BENCHMARKS.md, "AVX2 machine, 2026-12-03"). */                                         \
   template <WType T>                                                                               \
   void nk_panel8(const void* w, int64_t k_dim, int64_t n0, int64_t n1, const float* xt, int64_t ldx,\
                  int64_t lanes, float* c, int64_t ldc) {                                           \
