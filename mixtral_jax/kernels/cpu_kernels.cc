@@ -951,7 +951,8 @@ void MoePanels(const float* x, int64_t t_dim, int64_t d, int64_t f, int64_t top,
   std::vector<std::vector<std::pair<int64_t, int64_t>>> panels(n_experts);
   const int64_t lanes = PanelLanes();
   const bool one_panel = lanes == 8;
-  int64_t ldc = kPanel;  // the stride of a panel's products, one row of w per stride
+  // The stride of a panel's products (one row of w per stride): the widest panel.
+  int64_t ldc = one_panel ? 0 : kPanel;
   for (int64_t e : active) {
     const int64_t r = rows[e].size();
     mpad[e] = (r + lanes - 1) / lanes * lanes;
