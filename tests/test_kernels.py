@@ -135,8 +135,8 @@ def test_decode_attention_kernel_gradient_is_the_pure_paths(rng):
         np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=GRAD_TOL, rtol=GRAD_TOL)
 
 
-def _split_layer(rng, kind):
-    params = mj.init_params(KCONFIG, seed=1)["layers_0"]
+def _split_layer(rng, kind, config=KCONFIG):
+    params = mj.init_params(config, seed=1)["layers_0"]
     params = jax.tree.map(lambda a: a * 10.0, params)  # routing decisions matter
     layer = mj.model.split_layer(params)
     if kind == "bfloat16":
@@ -173,6 +173,22 @@ def test_moe_kernel_equals_sorted_and_the_oracle(rng, n_tokens, kind):
     for strategy in ("sorted", "dense"):  # dense has no padding: compare the valid rows
         ref = run(x, strategy).astype(jnp.float32)
         assert _rel_err(ours[valid], ref[valid]) < max(tol, KERNEL_RTOL)
+
+
+@needs_kernels
+@pytest.mark.parametrize("kind", ["float32", "bfloat16", "int8"])
+def test_moe_kernel_one_token_with_half_blocks(rng, kind):
+    """One token where D and F are multiples of 16 but not of 32: the last 16 of every weight row
+    outside the loops' 32-wide steps (the paired rows of one-token decode)."""
+    config = KCONFIG.replace(d_model=80, d_ff=144)
+    layer = _split_layer(rng, kind, config)
+    x = jnp.asarray(rng.standard_normal((1, config.d_model)), jnp.float32)
+    weights = (layer["w_gate"], layer["w_up"], layer["w_down"])
+    valid = jnp.ones((1,), bool)
+    ours = jax.jit(lambda x: moe_lib.moe_kernel(x, moe_lib.route(x, layer["router"], 2), valid, weights))(x)
+    ref = jax.jit(lambda x: moe_lib.moe(x, layer, top_k=2, valid=valid, strategy="dense")[0])(x)
+    tol = {"bfloat16": 5e-2, "int8": INT8_ROW_RTOL}.get(kind, STRATEGY_ATOL)
+    assert _rel_err(ours, ref.astype(jnp.float32)) < max(tol, KERNEL_RTOL)
 
 
 @needs_kernels

@@ -78,14 +78,14 @@ constexpr int64_t kMaxRows = 16;
   }                                                                                                \
                                                                                                    \
   /* acc[m * lda + j] += sum_{k in [k0, k1)} x[m, k] w[k, n0 + j] for j < nt, weight rows four at a */\
-  /* time (shared by column tiles and row blocks). */                                              \
-  template <WType T>                                                                               \
+  /* time (shared by column tiles and row blocks), prefetching the next four rows when Ahead. */   \
+  template <WType T, bool Ahead>                                                                   \
   void kn_accumulate(const float* x, int64_t m_rows, int64_t k_dim, const void* w, int64_t n_dim,  \
                      int64_t k0, int64_t k1, int64_t n0, int64_t nt, float* acc, int64_t lda) {    \
     for (int64_t k = k0; k < k1; k += 4) {                                                         \
       const int64_t r0 = k * n_dim + n0;                                                           \
       for (int64_t j = 0; j < nt; j += 16) {                                                       \
-        if (((j * kBytes<T>) & 63) == 0)                                                           \
+        if (Ahead && ((j * kBytes<T>) & 63) == 0)                                                  \
           for (int r = 0; r < 4; ++r)                                                              \
             __builtin_prefetch(static_cast<const char*>(w) + (r0 + (kAhead + r) * n_dim + j) * kBytes<T>, 0, 3);\
         const f32x16 w0 = load16<T>(w, r0 + j), w1 = load16<T>(w, r0 + n_dim + j);                 \
@@ -107,19 +107,21 @@ constexpr int64_t kMaxRows = 16;
                const float* scale, int64_t n0, int64_t nt, float* y) {                             \
     alignas(64) float acc[kMaxRows * kTile];                                                       \
     std::memset(acc, 0, sizeof(float) * m_rows * nt);                                              \
-    kn_accumulate<T>(x, m_rows, k_dim, w, n_dim, 0, k_dim, n0, nt, acc, nt);                       \
+    kn_accumulate<T, true>(x, m_rows, k_dim, w, n_dim, 0, k_dim, n0, nt, acc, nt);                 \
     for (int64_t m = 0; m < m_rows; ++m)                                                           \
       for (int64_t j = 0; j < nt; ++j)                                                             \
         y[m * n_dim + n0 + j] = acc[m * nt + j] * (scale ? scale[n0 + j] : 1.f);                   \
   }                                                                                                \
                                                                                                    \
   /* acc[m, n] = sum_{k in [k0, k1)} x[m, k] w[k, n] for every n: whole weight rows, so each task */\
-  /* streams one contiguous block of w. */                                                         \
+  /* streams one contiguous block of w. float32 rows go without software prefetch: on the AVX2 */  \
+  /* machine a [1024, 32000] lm_head read at 37-38 GB/s without it and 34-35 with it (BENCHMARKS.md, */\
+  /* "AVX2 machine, 2026-12-03 (morning)"); narrower types keep it (int8 rows read ~2x faster). */ \
   template <WType T>                                                                               \
   void kn_rows(const float* x, int64_t m_rows, int64_t k_dim, const void* w, int64_t n_dim,        \
                int64_t k0, int64_t k1, float* acc) {                                               \
     std::memset(acc, 0, sizeof(float) * m_rows * n_dim);                                           \
-    kn_accumulate<T>(x, m_rows, k_dim, w, n_dim, k0, k1, 0, n_dim, acc, n_dim);                    \
+    kn_accumulate<T, T != WType::kF32>(x, m_rows, k_dim, w, n_dim, k0, k1, 0, n_dim, acc, n_dim);  \
   }                                                                                                \
                                                                                                    \
   /* y[m * ldy + r] = sum_k x[m, k] w[n + r, k] (* scale[n + r]) for r < 4. */                     \
@@ -310,6 +312,32 @@ constexpr int64_t kMaxRows = 16;
     }                                                                                              \
     for (; k < k_dim; k += 16) a0 += loadf(x + k) * load16<T>(w, base + k);                        \
     *y = hsum((a0 + a1) + (a2 + a3)) * (scale ? scale[n] : 1.f);                                   \
+  }                                                                                                \
+                                                                                                   \
+  /* y0[n - n0] = x0 . w0[n, :] (* s0[n]) and y1[n - n0] = x1 . w1[n, :] (* s1[n]) for n in [n0, n1): */\
+  /* `nk_row1` over two matrices' rows side by side. One core's single stream left two cores ~10% */\
+  /* below the read rate that two streams each reached on the AVX2 machine (BENCHMARKS.md, "AVX2 */\
+  /* machine, 2026-12-03 (morning)"). */                                                           \
+  template <WType T>                                                                               \
+  void nk_row_pair(const float* x0, const void* w0, const float* s0, const float* x1, const void* w1,\
+                   const float* s1, int64_t k_dim, int64_t n0, int64_t n1, float* y0, float* y1) { \
+    for (int64_t n = n0; n < n1; ++n) {                                                            \
+      f32x16 a0 = {}, a1 = {}, b0 = {}, b1 = {};                                                   \
+      const int64_t base = n * k_dim;                                                              \
+      int64_t k = 0;                                                                               \
+      for (; k + 32 <= k_dim; k += 32) {                                                           \
+        a0 += loadf(x0 + k) * load16<T>(w0, base + k);                                             \
+        b0 += loadf(x1 + k) * load16<T>(w1, base + k);                                             \
+        a1 += loadf(x0 + k + 16) * load16<T>(w0, base + k + 16);                                   \
+        b1 += loadf(x1 + k + 16) * load16<T>(w1, base + k + 16);                                   \
+      }                                                                                            \
+      if (k < k_dim) {                                                                             \
+        a0 += loadf(x0 + k) * load16<T>(w0, base + k);                                             \
+        b0 += loadf(x1 + k) * load16<T>(w1, base + k);                                             \
+      }                                                                                            \
+      y0[n - n0] = hsum(a0 + a1) * (s0 ? s0[n] : 1.f);                                             \
+      y1[n - n0] = hsum(b0 + b1) * (s1 ? s1[n] : 1.f);                                             \
+    }                                                                                              \
   }                                                                                                \
                                                                                                    \
   /* y[m * ldy + (n - n0)] = sum_k x[m, k] w[n, k] (* scale[n]) for n in [n0, n1). */              \
@@ -709,6 +737,26 @@ void NkRows(const float* x, int64_t m, int64_t k, const void* w, const float* s,
   generic::nk_rows<T>(x, m, k, w, s, n0, n1, y, ldy);
 }
 
+// Whether one activation row's MoE layer reads its single weight rows in pairs (`MoeRowPairs`):
+// where `nk_rows` reads them one at a time (without 32 vector registers).
+bool RowPairs() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  if (kIsa == Isa::kAvx512) return !avx512::kWide;
+  if (kIsa == Isa::kAvx2) return !avx2::kWide;
+#endif
+  return !generic::kWide;
+}
+
+template <WType T>
+void NkRowPair(const float* x0, const void* w0, const float* s0, const float* x1, const void* w1, const float* s1,
+               int64_t k, int64_t n0, int64_t n1, float* y0, float* y1) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  if (kIsa == Isa::kAvx512) return avx512::nk_row_pair<T>(x0, w0, s0, x1, w1, s1, k, n0, n1, y0, y1);
+  if (kIsa == Isa::kAvx2) return avx2::nk_row_pair<T>(x0, w0, s0, x1, w1, s1, k, n0, n1, y0, y1);
+#endif
+  generic::nk_row_pair<T>(x0, w0, s0, x1, w1, s1, k, n0, n1, y0, y1);
+}
+
 void SwiGlu(const float* g, const float* u, int64_t n, float a, float b, float* h) {
 #if defined(__x86_64__) && defined(__GNUC__)
   if (kIsa == Isa::kAvx512) return avx512::swiglu(g, u, n, a, b, h);
@@ -1066,6 +1114,47 @@ bool MoeRowI16(const QuantizedRow& qx, int64_t d, int64_t f, const std::vector<s
   return true;
 }
 
+// `MoeImpl` for one token where `RowPairs`: each gate row read beside its up row, and in stage 2
+// the experts' down rows two at a time (two weight streams per core; the MoE layers of batch-1
+// decode ~8% faster on the AVX2 machine: BENCHMARKS.md, "AVX2 machine, 2026-12-03 (morning)").
+void MoeRowPairs(const float* x, int64_t d, int64_t f, const std::vector<std::vector<int64_t>>& rows,
+                 const std::vector<int64_t>& active, const float* g, const std::vector<const void*>& wp,
+                 const std::vector<const float*>& sp, int64_t n_experts, WType t, float* y) {
+  std::vector<std::vector<float>> hs(n_experts);
+  std::vector<float> weight(n_experts, 0.f);  // the token's gate for each expert
+  for (int64_t e : active) {
+    hs[e].resize(f);
+    for (int64_t a : rows[e]) weight[e] += g[a];
+  }
+  WithType(t, [&](auto tc) {
+    constexpr WType T = decltype(tc)::value;
+    const int64_t f_tasks = (f + kRows - 1) / kRows;
+    ParallelFor(static_cast<int64_t>(active.size()) * f_tasks, [&](int64_t i) {
+      const int64_t e = active[i / f_tasks], f0 = (i % f_tasks) * kRows, f1 = std::min(f, f0 + kRows);
+      float gate[kRows], up[kRows];
+      NkRowPair<T>(x, wp[e], sp[e], x, wp[n_experts + e], sp[n_experts + e], d, f0, f1, gate, up);
+      SwiGlu(gate, up, f1 - f0, 1.f, 1.f, &hs[e][f0]);
+    });
+    const int64_t d_tasks = (d + kRows - 1) / kRows, n_active = static_cast<int64_t>(active.size());
+    ParallelFor(d_tasks, [&](int64_t i) {
+      const int64_t d0 = i * kRows, d1 = std::min(d, d0 + kRows);
+      float out0[kRows], out1[kRows];
+      std::fill(y + d0, y + d1, 0.f);
+      for (int64_t j = 0; j < n_active; j += 2) {
+        const int64_t e0 = active[j], e1 = active[std::min(j + 1, n_active - 1)];
+        if (j + 1 < n_active)
+          NkRowPair<T>(hs[e0].data(), wp[2 * n_experts + e0], sp[2 * n_experts + e0], hs[e1].data(),
+                       wp[2 * n_experts + e1], sp[2 * n_experts + e1], f, d0, d1, out0, out1);
+        else
+          NkRows<T>(hs[e0].data(), 1, f, wp[2 * n_experts + e0], sp[2 * n_experts + e0], d0, d1, out0, kRows);
+        for (int64_t n = d0; n < d1; ++n) y[n] += weight[e0] * out0[n - d0];
+        if (j + 1 < n_active)
+          for (int64_t n = d0; n < d1; ++n) y[n] += weight[e1] * out1[n - d0];
+      }
+    });
+  });
+}
+
 // The MoE layer for a few tokens: y[t] = sum_x gate[t, x] * SwiGLU_{e[t, x]}(x[t]), reading only
 // the selected experts. x [T, D] f32; experts [T, X] s32 (-1: skip); gates [T, X] f32; then
 // w_gate[0..E), w_up[0..E) ([F, D]), w_down[0..E) ([D, F]) and, when quantized, their scales
@@ -1104,6 +1193,10 @@ ffi::Error MoeImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> experts,
     const QuantizedRow qx = QuantizeRow(x.typed_data(), d);
     if (qx.ok && MoeRowI16(qx, d, f, rows, active, g, wp, sp, n_experts, y->typed_data()))
       return ffi::Error::Success();
+  }
+  if (t_dim == 1 && RowPairs()) {
+    MoeRowPairs(x.typed_data(), d, f, rows, active, g, wp, sp, n_experts, t, y->typed_data());
+    return ffi::Error::Success();
   }
   if (t_dim > kMaxRows) {
     MoePanels(x.typed_data(), t_dim, d, f, top, g, rows, active, wp, sp, n_experts, t, y->typed_data());
