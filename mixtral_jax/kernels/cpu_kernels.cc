@@ -53,10 +53,11 @@ namespace {
 enum class WType { kF32, kBF16, kI8 };
 template <WType T> constexpr int64_t kBytes = T == WType::kF32 ? 4 : T == WType::kBF16 ? 2 : 1;
 
-// Both loops prefetch the weight rows they will read four rows on. Decode's weights do not fit
-// the cache, and with two cores the hardware prefetchers alone left int8 rows (1 KB, a quarter
-// page) at half of float32's bytes/s: measured over 1 GB of weights, int8 went from 1.8x to
-// 3-3.5x float32's speed, float32 itself unchanged (BENCHMARKS.md).
+// The row loops (`kn_accumulate`, `nk_block`) prefetch the weight rows they will read four rows
+// on. Decode's weights do not fit the cache, and with two cores the hardware prefetchers alone
+// left int8 rows (1 KB, a quarter page) at half of float32's bytes/s: measured over 1 GB of
+// weights, int8 went from 1.8x to 3-3.5x float32's speed, float32 itself unchanged (BENCHMARKS.md).
+// Whole float32 rows streamed by one row block (`kn_rows`) go without: there it cost ~8%.
 constexpr int64_t kAhead = 4;
 
 // Rows of activations one call handles (the Python side falls back to XLA above it).
