@@ -176,17 +176,18 @@ def test_moe_kernel_equals_sorted_and_the_oracle(rng, n_tokens, kind):
 
 
 @needs_kernels
-@pytest.mark.parametrize("kind", ["float32", "bfloat16", "int8"])
-def test_moe_kernel_one_token_with_half_blocks(rng, kind):
+@pytest.mark.parametrize("kind, top_k", [("float32", 2), ("bfloat16", 2), ("int8", 2), ("float32", 1), ("float32", 3)])
+def test_moe_kernel_one_token_with_half_blocks(rng, kind, top_k):
     """One token where D and F are multiples of 16 but not of 32: the last 16 of every weight row
-    outside the loops' 32-wide steps (the paired rows of one-token decode)."""
-    config = KCONFIG.replace(d_model=80, d_ff=144)
+    outside the loops' 32-wide steps (the paired rows of one-token decode); one and three experts
+    leave an expert without a partner in stage 2."""
+    config = KCONFIG.replace(d_model=80, d_ff=144, top_k=top_k)
     layer = _split_layer(rng, kind, config)
     x = jnp.asarray(rng.standard_normal((1, config.d_model)), jnp.float32)
     weights = (layer["w_gate"], layer["w_up"], layer["w_down"])
     valid = jnp.ones((1,), bool)
-    ours = jax.jit(lambda x: moe_lib.moe_kernel(x, moe_lib.route(x, layer["router"], 2), valid, weights))(x)
-    ref = jax.jit(lambda x: moe_lib.moe(x, layer, top_k=2, valid=valid, strategy="dense")[0])(x)
+    ours = jax.jit(lambda x: moe_lib.moe_kernel(x, moe_lib.route(x, layer["router"], top_k), valid, weights))(x)
+    ref = jax.jit(lambda x: moe_lib.moe(x, layer, top_k=top_k, valid=valid, strategy="dense")[0])(x)
     tol = {"bfloat16": 5e-2, "int8": INT8_ROW_RTOL}.get(kind, STRATEGY_ATOL)
     assert _rel_err(ours, ref.astype(jnp.float32)) < max(tol, KERNEL_RTOL)
 
