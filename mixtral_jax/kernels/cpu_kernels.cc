@@ -117,7 +117,7 @@ constexpr int64_t kMaxRows = 16;
   /* acc[m, n] = sum_{k in [k0, k1)} x[m, k] w[k, n] for every n: whole weight rows, so each task */\
   /* streams one contiguous block of w. float32 rows go without software prefetch: on the AVX2 */  \
   /* machine a [1024, 32000] lm_head read at 37-38 GB/s without it and 34-35 with it (BENCHMARKS.md, */\
-  /* "AVX2 machine, 2026-12-03 (morning)"); narrower types keep it (int8 rows read ~2x faster). */ \
+  /* "AVX2 machine, 2026-12-03 (morning)"); bf16 and int8 rows keep it (int8 read ~2x faster). */  \
   template <WType T>                                                                               \
   void kn_rows(const float* x, int64_t m_rows, int64_t k_dim, const void* w, int64_t n_dim,        \
                int64_t k0, int64_t k1, float* acc) {                                               \
@@ -316,9 +316,8 @@ constexpr int64_t kMaxRows = 16;
   }                                                                                                \
                                                                                                    \
   /* y0[n - n0] = x0 . w0[n, :] (* s0[n]) and y1[n - n0] = x1 . w1[n, :] (* s1[n]) for n in [n0, n1): */\
-  /* `nk_row1` over two matrices' rows side by side. One core's single stream left two cores ~10% */\
-  /* below the read rate that two streams each reached on the AVX2 machine (BENCHMARKS.md, "AVX2 */\
-  /* machine, 2026-12-03 (morning)"). */                                                           \
+  /* `nk_row1` over two matrices' rows side by side: on the AVX2 machine two weight streams per */ \
+  /* core read ~8% faster than one (BENCHMARKS.md, "AVX2 machine, 2026-12-03 (morning)"). */       \
   template <WType T>                                                                               \
   void nk_row_pair(const float* x0, const void* w0, const float* s0, const float* x1, const void* w1,\
                    const float* s1, int64_t k_dim, int64_t n0, int64_t n1, float* y0, float* y1) { \
@@ -1140,17 +1139,21 @@ void MoeRowPairs(const float* x, int64_t d, int64_t f, const std::vector<std::ve
     ParallelFor(d_tasks, [&](int64_t i) {
       const int64_t d0 = i * kRows, d1 = std::min(d, d0 + kRows);
       float out0[kRows], out1[kRows];
+      const auto add = [&](int64_t e, const float* out) {
+        for (int64_t n = d0; n < d1; ++n) y[n] += weight[e] * out[n - d0];
+      };
       std::fill(y + d0, y + d1, 0.f);
       for (int64_t j = 0; j < n_active; j += 2) {
-        const int64_t e0 = active[j], e1 = active[std::min(j + 1, n_active - 1)];
-        if (j + 1 < n_active)
-          NkRowPair<T>(hs[e0].data(), wp[2 * n_experts + e0], sp[2 * n_experts + e0], hs[e1].data(),
-                       wp[2 * n_experts + e1], sp[2 * n_experts + e1], f, d0, d1, out0, out1);
-        else
-          NkRows<T>(hs[e0].data(), 1, f, wp[2 * n_experts + e0], sp[2 * n_experts + e0], d0, d1, out0, kRows);
-        for (int64_t n = d0; n < d1; ++n) y[n] += weight[e0] * out0[n - d0];
-        if (j + 1 < n_active)
-          for (int64_t n = d0; n < d1; ++n) y[n] += weight[e1] * out1[n - d0];
+        const int64_t e0 = active[j], w0 = 2 * n_experts + e0;
+        if (j + 1 < n_active) {
+          const int64_t e1 = active[j + 1], w1 = 2 * n_experts + e1;
+          NkRowPair<T>(hs[e0].data(), wp[w0], sp[w0], hs[e1].data(), wp[w1], sp[w1], f, d0, d1, out0, out1);
+          add(e0, out0);
+          add(e1, out1);
+        } else {  // the last of an odd number of experts
+          NkRows<T>(hs[e0].data(), 1, f, wp[w0], sp[w0], d0, d1, out0, kRows);
+          add(e0, out0);
+        }
       }
     });
   });
