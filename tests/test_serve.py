@@ -287,6 +287,11 @@ def test_tiny_model_and_a_full_queue(tiny):
     c = client(url)
     want, _ = greedy_text(model, model.tokenizer.encode("Hello"), 10)
     assert c.completions.create(model="tiny-random", prompt="Hello", max_tokens=10, temperature=0).choices[0].text == want
+    # More completions than the queue holds could never be admitted: a 400 (a 429 would be retried).
+    too_many = httpx.post(f"{url}/v1/completions", json={"model": "tiny-random", "prompt": "Hello", "max_tokens": 2,
+                                                         "n": 2}, timeout=30)
+    assert too_many.status_code == 400 and too_many.json()["error"]["param"] == "n"
+    assert "--max-queue 1" in too_many.json()["error"]["message"]
     # Thousands of tokens: the first request holds the only slot for seconds.
     body = {"model": "tiny-random", "prompt": "Hello", "max_tokens": 4000, "temperature": 0, "stream": True}
     with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as first:

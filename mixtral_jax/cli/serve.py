@@ -46,7 +46,7 @@ def add_parsers(sub) -> None:
     sv.add_argument("--port", type=int, default=8000)
     sv.add_argument("--slots", type=int, default=8, help="requests decoded together (default 8)")
     sv.add_argument("--max-seq-len", type=int, help="prompt + new tokens per request (default: the model's context)")
-    sv.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot before 429 (default 64)")
+    sv.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot before 429 (default 64); one request's n x prompts above it: 400")
     sv.add_argument("--model-name", help='the name clients send as "model" (default: the checkpoint folder\'s '
                                          'name; "demo" for the built-in model)')
     sv.add_argument("--prefill-chunk", type=int, default=256,

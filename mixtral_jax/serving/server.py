@@ -89,7 +89,13 @@ class Run:
         self.started = time.perf_counter()
 
     def submit(self) -> None:
-        """Submit every choice; on a full queue cancel those already in and raise 429."""
+        """Submit every choice; on a full queue cancel those already in and raise 429. A request
+        with more choices than the queue holds could never be admitted: 400, not a 429 that
+        clients would retry."""
+        limit = self.server.engine.max_queue
+        if len(self.choices) > limit:
+            raise invalid(f"n x prompts = {len(self.choices)} completions exceed what the server queues at once "
+                          f"(--max-queue {limit})", "n")
         try:
             for c, opts in zip(self.choices, self.parsed.options):
                 c.request = self.server.engine.submit(c.prompt, opts, self._on_event(c))
