@@ -65,7 +65,9 @@ async def one(client, model: str, req: dict, results: list, deadline: float) -> 
 async def drive(url: str, model: str, requests: list, concurrency: int) -> dict:
     import openai
 
-    client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=600)
+    # A server started with an API key (`serve --api-key`, or $MIXTRAL_JAX_API_KEY) is driven with it.
+    client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=os.environ.get("MIXTRAL_JAX_API_KEY", "unused"),
+                                max_retries=0, timeout=600)
     results: list = []
     deadline = time.perf_counter() + TIME_LIMIT_S
     gate = asyncio.Semaphore(concurrency)
@@ -133,15 +135,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(args_list: list, timeout: float = 1200):
-    """Start `mixtral-jax serve ARGS` on a free 127.0.0.1 port and wait, bounded, for /health to say
-    200; returns (url, process). RuntimeError (with the server's stderr) if it exits or times out.
-    Shared by the serving tests."""
+def start_server(args_list: list, timeout: float = 1200, env: dict | None = None):
+    """Start `mixtral-jax serve ARGS` (with `env` added to the environment) on a free 127.0.0.1 port
+    and wait, bounded, for /health to say 200; returns (url, process). RuntimeError (with the
+    server's stderr) if it exits or times out. Shared by the serving tests."""
     import httpx
 
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "mixtral_jax.cli", "serve", "--port", str(port),
-                             *map(str, args_list)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                             *map(str, args_list)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, **(env or {})})
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

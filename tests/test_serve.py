@@ -19,10 +19,11 @@ import serve_load  # noqa: E402  (its server launcher: a free port, a bounded wa
 from serve_load import stop_server  # noqa: E402
 
 STARTUP_S = 600
+TINY_KEY = "sk-tiny-test"
 
 
-def start_server(*args):
-    return serve_load.start_server(list(args), timeout=STARTUP_S)
+def start_server(*args, env=None):
+    return serve_load.start_server(list(args), timeout=STARTUP_S, env=env)
 
 
 @pytest.fixture(scope="module")
@@ -37,19 +38,21 @@ def demo():
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    """A tiny random model with the real tokenizer behind a 1-slot server queueing at most 1 request."""
+    """A tiny random model with the real tokenizer behind a 1-slot server queueing at most 1 request,
+    its /v1/ routes behind the API key TINY_KEY (given through the environment)."""
     config = mj.MixtralConfig.tiny().replace(vocab_size=32000, max_seq_len=4096)
     path = tmp_path_factory.mktemp("tiny") / "tiny-random"
     save(str(path), config, mj.init_params(config, seed=3), tokenizer=mj.Tokenizer().path)
-    url, proc = start_server("--checkpoint", path, "--slots", 1, "--max-queue", 1, "--prefill-chunk", 16)
+    url, proc = start_server("--checkpoint", path, "--slots", 1, "--max-queue", 1, "--prefill-chunk", 16,
+                             env={"MIXTRAL_JAX_API_KEY": TINY_KEY})
     try:
         yield url, mj.load(path)
     finally:
         stop_server(proc)
 
 
-def client(url):
-    return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
+def client(url, api_key="unused"):
+    return openai.OpenAI(base_url=f"{url}/v1", api_key=api_key, max_retries=0, timeout=120)
 
 
 def metric(url, name) -> float:
@@ -282,26 +285,37 @@ def test_malformed_requests_get_the_right_errors_and_the_server_keeps_serving(de
     assert httpx.get(f"{url}/v1/models", timeout=10).json()["data"][0]["id"] == "demo"
 
 
-def test_tiny_model_and_a_full_queue(tiny):
+def test_tiny_model_a_full_queue_and_the_api_key(tiny):
     url, model = tiny
-    c = client(url)
+    c = client(url, TINY_KEY)
+    auth = {"Authorization": f"Bearer {TINY_KEY}"}
     want, _ = greedy_text(model, model.tokenizer.encode("Hello"), 10)
     assert c.completions.create(model="tiny-random", prompt="Hello", max_tokens=10, temperature=0).choices[0].text == want
+    # Without the key, or with another: 401 in OpenAI's shape on every /v1/ route; probes stay open.
+    for wrong in ("unused", TINY_KEY + "x"):
+        with pytest.raises(openai.AuthenticationError) as e:
+            client(url, wrong).completions.create(model="tiny-random", prompt="Hello", max_tokens=2)
+        assert e.value.status_code == 401 and e.value.body["code"] == "invalid_api_key"
+    for path in ("/v1/models", "/v1/chat/completions"):
+        r = httpx.request("GET" if "models" in path else "POST", f"{url}{path}", timeout=30)
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    assert httpx.get(f"{url}/health", timeout=10).status_code == 200
+    assert httpx.get(f"{url}/v1/models", headers=auth, timeout=10).json()["data"][0]["id"] == "tiny-random"
     # More completions than the queue holds could never be admitted: a 400 (a 429 would be retried).
     too_many = httpx.post(f"{url}/v1/completions", json={"model": "tiny-random", "prompt": "Hello", "max_tokens": 2,
-                                                         "n": 2}, timeout=30)
+                                                         "n": 2}, headers=auth, timeout=30)
     assert too_many.status_code == 400 and too_many.json()["error"]["param"] == "n"
     assert "--max-queue 1" in too_many.json()["error"]["message"]
     # Thousands of tokens: the first request holds the only slot for seconds.
     body = {"model": "tiny-random", "prompt": "Hello", "max_tokens": 4000, "temperature": 0, "stream": True}
-    with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as first:
+    with httpx.stream("POST", f"{url}/v1/completions", json=body, headers=auth, timeout=60) as first:
         lines = first.iter_lines()  # kept: a dropped iterator closes the stream, and the server cancels
         next(lines)                                               # holds the only slot
-        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as second:  # waits
+        with httpx.stream("POST", f"{url}/v1/completions", json=body, headers=auth, timeout=60) as second:  # waits
             deadline = time.monotonic() + 10
             while metric(url, "mixtral_jax_requests_waiting") < 1 and time.monotonic() < deadline:
                 time.sleep(0.05)
-            third = httpx.post(f"{url}/v1/completions", json={**body, "stream": False}, timeout=30)
+            third = httpx.post(f"{url}/v1/completions", json={**body, "stream": False}, headers=auth, timeout=30)
             assert third.status_code == 429 and third.json()["error"]["code"] == "queue_full"
             assert second.status_code == 200
     deadline = time.monotonic() + 5

@@ -6,6 +6,8 @@ import os
 
 from .common import UsageError, add_model_args, load_model
 
+API_KEY_ENV = "MIXTRAL_JAX_API_KEY"
+
 
 def cmd_serve(args) -> int:
     import jax
@@ -32,7 +34,7 @@ def cmd_serve(args) -> int:
     if jax.process_index() != 0:  # multi-host: process 0 serves HTTP; the others mirror its device calls
         engine.follow()
         return 0
-    serve(engine, name, args.host, args.port)
+    serve(engine, name, args.host, args.port, api_key=args.api_key or None)
     return 0
 
 
@@ -46,7 +48,8 @@ def add_parsers(sub) -> None:
     sv.add_argument("--port", type=int, default=8000)
     sv.add_argument("--slots", type=int, default=8, help="requests decoded together (default 8)")
     sv.add_argument("--max-seq-len", type=int, help="prompt + new tokens per request (default: the model's context)")
-    sv.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot before 429 (default 64); one request's n x prompts above it: 400")
+    sv.add_argument("--max-queue", type=int, default=64,
+                    help="requests waiting for a slot before 429 (default 64); one request's n x prompts above it: 400")
     sv.add_argument("--model-name", help='the name clients send as "model" (default: the checkpoint folder\'s '
                                          'name; "demo" for the built-in model)')
     sv.add_argument("--prefill-chunk", type=int, default=256,
@@ -54,6 +57,9 @@ def add_parsers(sub) -> None:
                          "running streams and new short prompts wait behind a long prompt)")
     sv.add_argument("--kv-dtype", choices=DTYPES, help="KV cache dtype (default: the model's)")
     sv.add_argument("--attention", choices=IMPLEMENTATIONS, default="auto")
+    sv.add_argument("--api-key", default=os.environ.get(API_KEY_ENV),
+                    help=f"require `Authorization: Bearer KEY` on /v1/ (401 otherwise; /health and /metrics stay "
+                         f"open); default ${API_KEY_ENV}, so the key need not show in the process list")
     sv.add_argument("--ignore-eos", action="store_true",
                     help="no stop tokens: every request runs to max_tokens or a stop string (load benchmarks)")
     sv.set_defaults(func=cmd_serve)

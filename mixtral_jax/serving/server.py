@@ -12,6 +12,7 @@ before the engine's next step.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
 import threading
@@ -150,14 +151,28 @@ class Server:
     Args:
       engine: an Engine, started or not (`/health` says 503 until `engine.ready`).
       model_name: the name clients must send as `model`.
+      api_key: when given, every /v1/ request must carry `Authorization: Bearer <api_key>` (the
+        openai client's `api_key`), else 401; /health and /metrics stay open, for probes and scrapers.
     """
 
-    def __init__(self, engine: Engine, model_name: str):
+    def __init__(self, engine: Engine, model_name: str, api_key: str | None = None):
         self.engine, self.model_name = engine, model_name
         self.metrics = Metrics(engine)
         self.defaults = engine.model.generation_config_kwargs()
         tok = engine.model.tokenizer
         app = self.app = FastAPI(title="mixtral_jax", docs_url=None, redoc_url=None)
+
+        if api_key:
+            expected = f"Bearer {api_key}".encode()
+
+            @app.middleware("http")
+            async def authorize(request: Request, call_next):
+                given = request.headers.get("authorization", "").encode()
+                if request.url.path.startswith("/v1/") and not hmac.compare_digest(given, expected):
+                    e = APIError(401, "missing or incorrect API key (send `Authorization: Bearer <key>`)",
+                                 code="invalid_api_key")
+                    return JSONResponse(e.body(), status_code=e.status)
+                return await call_next(request)
 
         @app.exception_handler(APIError)
         async def api_error(_request, e: APIError):
@@ -312,7 +327,7 @@ class Server:
             run.cancel()
 
 
-def serve(engine: Engine, model_name: str, host: str, port: int) -> None:
+def serve(engine: Engine, model_name: str, host: str, port: int, api_key: str | None = None) -> None:
     """Start the engine (compiling in the background; /health is 503 meanwhile) and serve until
     SIGTERM or SIGINT; then stop the engine (and, multi-host, its followers) and return."""
     import contextlib
@@ -320,7 +335,7 @@ def serve(engine: Engine, model_name: str, host: str, port: int) -> None:
 
     import uvicorn
 
-    server = Server(engine, model_name)
+    server = Server(engine, model_name, api_key)
     server.metrics.count_compilations()
     threading.Thread(target=engine.start, name="mixtral-jax-warm-up", daemon=True).start()
     log.info("serving %s on http://%s:%d", model_name, host, port)
