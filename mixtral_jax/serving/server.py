@@ -145,6 +145,24 @@ class Run:
         return usage(sum(len(p) for p in self.parsed.prompts), sum(len(c.tokens) for c in self.choices))
 
 
+class ApiKey:
+    """ASGI middleware: /v1/ requests without `Authorization: <expected>` get OpenAI's 401. Plain
+    ASGI, not Starlette's BaseHTTPMiddleware, which would pass every streamed chunk through a
+    memory stream of its own."""
+
+    def __init__(self, app, expected: bytes):
+        self.app, self.expected = app, expected
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not hmac.compare_digest(given, self.expected):
+                e = APIError(401, "missing or incorrect API key (send `Authorization: Bearer <key>`)",
+                             code="invalid_api_key")
+                return await JSONResponse(e.body(), status_code=e.status)(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+
 class Server:
     """The FastAPI app over an engine (`app`), with its metrics.
 
@@ -163,16 +181,7 @@ class Server:
         app = self.app = FastAPI(title="mixtral_jax", docs_url=None, redoc_url=None)
 
         if api_key:
-            expected = f"Bearer {api_key}".encode()
-
-            @app.middleware("http")
-            async def authorize(request: Request, call_next):
-                given = request.headers.get("authorization", "").encode()
-                if request.url.path.startswith("/v1/") and not hmac.compare_digest(given, expected):
-                    e = APIError(401, "missing or incorrect API key (send `Authorization: Bearer <key>`)",
-                                 code="invalid_api_key")
-                    return JSONResponse(e.body(), status_code=e.status)
-                return await call_next(request)
+            app.add_middleware(ApiKey, expected=f"Bearer {api_key}".encode())
 
         @app.exception_handler(APIError)
         async def api_error(_request, e: APIError):
