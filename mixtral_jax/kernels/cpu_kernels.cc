@@ -990,7 +990,11 @@ void MoePanels(const float* x, int64_t t_dim, int64_t d, int64_t f, int64_t top,
                const std::vector<std::vector<int64_t>>& rows, const std::vector<int64_t>& active,
                const std::vector<const void*>& wp, const std::vector<const float*>& sp, int64_t n_experts,
                WType t, float* y) {
-  std::vector<int64_t> mpad(n_experts, 0);
+  // mpad: an expert's tokens rounded up to whole vectors; ld: the row stride of its panels, 8 lanes
+  // more where mpad is a multiple of 64 (rows 256 bytes apart, or a multiple of that, fall in a
+  // quarter or fewer of L1's sets: 128 tokens ran at 81 GFLOP/s a core against 87 with the 8 lanes
+  // more, 256 tokens 78 against 87; BENCHMARKS.md, "AVX2 machine, 2026-12-03 (day)").
+  std::vector<int64_t> mpad(n_experts, 0), ld(n_experts, 0);
   // Uninitialised: every lane of ht is written in stage 1, and xt's padding lanes are zeroed below.
   std::vector<std::unique_ptr<float[]>> xt(n_experts), ht(n_experts);
   // With 16-lane vectors, each expert's vectors split into as few panels of at most kPanel tokens
@@ -1015,17 +1019,18 @@ void MoePanels(const float* x, int64_t t_dim, int64_t d, int64_t f, int64_t top,
         at += size;
       }
     }
-    xt[e].reset(new float[d * mpad[e]]);
-    ht[e].reset(new float[f * mpad[e]]);
+    ld[e] = mpad[e] + (mpad[e] % 64 == 0 ? 8 : 0);
+    xt[e].reset(new float[d * ld[e]]);
+    ht[e].reset(new float[f * ld[e]]);
   }
   // Each expert's tokens transposed into its panel rows, experts in parallel.
   ParallelFor(static_cast<int64_t>(active.size()), [&](int64_t i) {
-    const int64_t e = active[i], r = rows[e].size(), ld = mpad[e];
+    const int64_t e = active[i], r = rows[e].size(), le = ld[e];
     float* xe = xt[e].get();
-    for (int64_t k = 0; k < d; ++k) std::fill(xe + k * ld + r, xe + (k + 1) * ld, 0.f);
+    for (int64_t k = 0; k < d; ++k) std::fill(xe + k * le + r, xe + k * le + mpad[e], 0.f);
     for (int64_t m = 0; m < r; ++m) {
       const float* xm = x + (rows[e][m] / top) * d;
-      for (int64_t k = 0; k < d; ++k) xe[k * ld + m] = xm[k];
+      for (int64_t k = 0; k < d; ++k) xe[k * le + m] = xm[k];
     }
   });
   std::memset(y, 0, sizeof(float) * t_dim * d);
@@ -1043,16 +1048,16 @@ void MoePanels(const float* x, int64_t t_dim, int64_t d, int64_t f, int64_t top,
       cg.assign(np * block, 0.f);
       cu.assign(np * block, 0.f);
       for (int64_t j = 0; j < np; ++j)
-        NkPanel<T>(wp[e], d, f0, f1, xt[e].get() + panels[e][j].first, mpad[e], panels[e][j].second, &cg[j * block],
+        NkPanel<T>(wp[e], d, f0, f1, xt[e].get() + panels[e][j].first, ld[e], panels[e][j].second, &cg[j * block],
                    ldc);
       for (int64_t j = 0; j < np; ++j)
-        NkPanel<T>(wp[n_experts + e], d, f0, f1, xt[e].get() + panels[e][j].first, mpad[e], panels[e][j].second,
+        NkPanel<T>(wp[n_experts + e], d, f0, f1, xt[e].get() + panels[e][j].first, ld[e], panels[e][j].second,
                    &cu[j * block], ldc);
       for (int64_t j = 0; j < np; ++j) {
         const auto [p0, size] = panels[e][j];
         for (int64_t n = f0; n < f1; ++n)
           SwiGlu(&cg[j * block + (n - f0) * ldc], &cu[j * block + (n - f0) * ldc], size,
-                 sg ? sg[n] : 1.f, su ? su[n] : 1.f, ht[e].get() + n * mpad[e] + p0);
+                 sg ? sg[n] : 1.f, su ? su[n] : 1.f, ht[e].get() + n * ld[e] + p0);
       }
     });
     const int64_t d_rows = one_panel ? 2 * kRows : kRows, d_tasks = (d + d_rows - 1) / d_rows;
@@ -1065,7 +1070,7 @@ void MoePanels(const float* x, int64_t t_dim, int64_t d, int64_t f, int64_t top,
         const int64_t r = rows[e].size();
         for (const auto& [p0, size] : panels[e]) {
           std::fill(c.begin(), c.end(), 0.f);
-          NkPanel<T>(wp[2 * n_experts + e], f, d0, d1, ht[e].get() + p0, mpad[e], size, c.data(), ldc);
+          NkPanel<T>(wp[2 * n_experts + e], f, d0, d1, ht[e].get() + p0, ld[e], size, c.data(), ldc);
           for (int64_t l = 0; l < std::min(size, r - p0); ++l) {
             const int64_t a = rows[e][p0 + l];
             float* yt = y + (a / top) * d;
