@@ -991,9 +991,10 @@ void MoePanels(const float* x, int64_t t_dim, int64_t d, int64_t f, int64_t top,
                const std::vector<const void*>& wp, const std::vector<const float*>& sp, int64_t n_experts,
                WType t, float* y) {
   // mpad: an expert's tokens rounded up to whole vectors; ld: the row stride of its panels, 8 lanes
-  // more where mpad is a multiple of 64 (rows 256 bytes apart, or a multiple of that, fall in a
-  // quarter or fewer of L1's sets: 128 tokens ran at 81 GFLOP/s a core against 87 with the 8 lanes
-  // more, 256 tokens 78 against 87; BENCHMARKS.md, "AVX2 machine, 2026-12-03 (day)").
+  // more where mpad is a multiple of 32 from 64 up (rows a multiple of 128 bytes apart fall in half
+  // of L1's sets or fewer: with the weights streaming from memory 96 tokens ran at 69 GFLOP/s a
+  // core against 81 with the 8 lanes more, 128 at 71-75 against 81-83; BENCHMARKS.md, "AVX2
+  // machine, 2026-12-03 (day)").
   std::vector<int64_t> mpad(n_experts, 0), ld(n_experts, 0);
   // Uninitialised: every lane of ht is written in stage 1, and xt's padding lanes are zeroed below.
   std::vector<std::unique_ptr<float[]>> xt(n_experts), ht(n_experts);
@@ -1019,7 +1020,7 @@ void MoePanels(const float* x, int64_t t_dim, int64_t d, int64_t f, int64_t top,
         at += size;
       }
     }
-    ld[e] = mpad[e] + (mpad[e] % 64 == 0 ? 8 : 0);
+    ld[e] = mpad[e] + (mpad[e] >= 64 && mpad[e] % 32 == 0 ? 8 : 0);
     xt[e].reset(new float[d * ld[e]]);
     ht[e].reset(new float[f * ld[e]]);
   }
