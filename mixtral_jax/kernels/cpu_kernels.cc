@@ -209,18 +209,26 @@ constexpr int64_t kMaxRows = 16;
       if (i < rows) rows_ymm<NR - 1, NV>(w + i * ldw, ldw, xt, ldx, kc, c + i * ldc, ldc, rows - i);\
   }                                                                                                \
                                                                                                    \
-  /* `nk_panel` in 8-lane vectors (kLanes8), for any number of them: k in blocks (256 up to 24 */  \
-  /* tokens, else 128), rows in blocks of 12 (whose block of weights stays in L1), and for each */ \
-  /* row block the tokens' vectors in groups of up to three, each in the register block that */    \
-  /* suits it with 16 registers: 6 rows x 1 vector, 6 x 2 or 4 x 3. Hot, on one core: 67-97 */     \
-  /* GFLOP/s by panel width, where 6 rows x 16-lane vectors with a one-register last half ran */   \
-  /* 55-85 (BENCHMARKS.md, "AVX2 machine, 2026-12-03"). */                                         \
+  /* `nk_panel` in 8-lane vectors (kLanes8), for any number of them: k in blocks, rows in blocks */ \
+  /* of 12 (whose block of weights stays in L1), and for each row block the tokens' vectors in */  \
+  /* groups of up to three, each in the register block that suits it with 16 registers: 6 rows x */\
+  /* 1 vector, 6 x 2 or 4 x 3. Hot, on one core: 67-97 GFLOP/s by panel width, where 6 rows x */   \
+  /* 16-lane vectors with a one-register last half ran 55-85 (BENCHMARKS.md, "AVX2 machine, */     \
+  /* 2026-12-03"). k blocks: 128 from 40 tokens up, whose panel block must share L1 with the */     \
+  /* weights'; float32 rows of at most 24 tokens whole (up to 4096), at 32 tokens in blocks of */  \
+  /* 1024, so that their weights, each used once, stream in whole 12-row blocks rather than */     \
+  /* pieces 4-14 KB apart, the panel's block (at most 384 KB) staying in L2 (`small`'s layers, */  \
+  /* weights from memory: 16 and 24 tokens 66-82 -> 74-89 GFLOP/s a core; BENCHMARKS.md, "AVX2 */  \
+  /* machine, 2026-12-03 (day)"); bf16/int8 blocks are widened into `scratch`, 256 at most. */     \
   template <WType T>                                                                               \
   void nk_panel8(const void* w, int64_t k_dim, int64_t n0, int64_t n1, const float* xt, int64_t ldx,\
                  int64_t lanes, float* c, int64_t ldc) {                                           \
     constexpr int64_t kRowBlock = 12;                                                              \
     alignas(64) float scratch[kRowBlock * 2 * kKc];                                                \
-    const int64_t kcb = lanes <= 24 ? 2 * kKc : kKc;                                               \
+    const int64_t kcb = T == WType::kF32 && lanes <= 24   ? std::min<int64_t>(k_dim, 4096)        \
+                        : T == WType::kF32 && lanes <= 32 ? 8 * kKc                                \
+                        : lanes <= 24                     ? 2 * kKc                                \
+                                                          : kKc;                                   \
     const int nv = static_cast<int>(lanes / 8);                                                    \
     for (int64_t kb = 0; kb < k_dim; kb += kcb) {                                                  \
       const int64_t kc = std::min(kcb, k_dim - kb);                                                \
