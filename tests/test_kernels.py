@@ -176,21 +176,23 @@ def test_moe_kernel_equals_sorted_and_the_oracle(rng, n_tokens, kind):
 
 
 @needs_kernels
+@pytest.mark.parametrize("counts", [(128, 96, 64, 12), (5, 37, 50, 48)])
 @pytest.mark.parametrize("kind", ["float32", "bfloat16", "int8"])
-def test_moe_kernel_experts_with_128_96_and_64_tokens(rng, kind):
-    """Experts whose tokens fill multiples of 32 lanes, whose panels the kernel lays out with 8 lanes
-    more per row (rows a multiple of 128 bytes apart share L1's sets): experts 0, 1 and 2 take
-    128, 96 and 64 tokens, the last 12 tokens expert 3, each token's second expert is one of 4-7."""
+def test_moe_kernel_experts_with_given_token_counts(rng, kind, counts):
+    """Experts 0-3 take `counts` tokens as first choice, each token's second expert is one of 4-7.
+    (128, 96, 64): tokens filling multiples of 32 lanes, whose 16-lane panels the kernel lays out
+    with 8 lanes more per row (rows a multiple of 128 bytes apart share L1's sets); (5, 37, 50, 48):
+    8-lane panels of 1, 5, 7 and 6 vectors, stored in groups of 1, 2 + 3, 3 + 2 + 2 and 3 + 3."""
     layer = _split_layer(rng, kind)
-    n_tokens, n_experts = 300, KCONFIG.n_experts
+    n_tokens, n_experts = sum(counts), KCONFIG.n_experts
     dtype = jnp.bfloat16 if kind == "bfloat16" else jnp.float32
     x = jnp.asarray(rng.standard_normal((n_tokens, KCONFIG.d_model)), dtype)
-    first = np.searchsorted(np.array([128, 224, 288]), np.arange(n_tokens), side="right")
+    first = np.searchsorted(np.cumsum(counts)[:-1], np.arange(n_tokens), side="right")
     second = rng.integers(4, n_experts, n_tokens)
     experts = jnp.asarray(np.stack([first, second], 1), jnp.int32)
     gates = jax.nn.softmax(jnp.asarray(rng.standard_normal((n_tokens, 2)), jnp.float32), axis=-1)
     routing = moe_lib.Routing(jnp.zeros((n_tokens, n_experts), jnp.float32), gates, experts)
-    assert np.bincount(np.asarray(experts).ravel(), minlength=n_experts)[:4].tolist() == [128, 96, 64, 12]
+    assert np.bincount(np.asarray(experts).ravel(), minlength=n_experts)[:4].tolist() == list(counts)
     weights = (layer["w_gate"], layer["w_up"], layer["w_down"])
     valid = jnp.ones((n_tokens,), bool)
     ours = jax.jit(lambda x: moe_lib.moe_kernel(x, routing, valid, weights))(x)

@@ -63,6 +63,10 @@ constexpr int64_t kAhead = 4;
 // Rows of activations one call handles (the Python side falls back to XLA above it).
 constexpr int64_t kMaxRows = 16;
 
+// An 8-lane panel's vectors in the groups `nk_panel8`'s register blocks take: threes, then twos,
+// so that no group is a lone vector after others (6 rows x 1 vector broadcasts a weight per FMA).
+constexpr int64_t GroupVectors(int64_t left) { return left >= 6 ? 3 : left >= 4 ? 2 : left; }
+
 #define MJ_KERNEL_BODY                                                                             \
   typedef float f32x8v __attribute__((vector_size(32)));                                           \
   typedef int32_t i32x8v __attribute__((vector_size(32)));                                         \
@@ -211,18 +215,23 @@ constexpr int64_t kMaxRows = 16;
                                                                                                    \
   /* `nk_panel` in 8-lane vectors (kLanes8), for any number of them: k in blocks, rows in blocks */ \
   /* of 12 (whose block of weights stays in L1), and for each row block the tokens' vectors in */  \
-  /* groups of up to three, each in the register block that suits it with 16 registers: 6 rows x */\
-  /* 1 vector, 6 x 2 or 4 x 3. Hot, on one core: 67-97 GFLOP/s by panel width, where 6 rows x */   \
-  /* 16-lane vectors with a one-register last half ran 55-85 (BENCHMARKS.md, "AVX2 machine, */     \
-  /* 2026-12-03"). k blocks: 128 from 40 tokens up, whose panel block must share L1 with the */     \
+  /* groups of up to three (`GroupVectors`), each in the register block that suits it with 16 */   \
+  /* registers: 6 rows x 1 vector, 6 x 2 or 4 x 3. Hot, on one core: 67-97 GFLOP/s by panel */     \
+  /* width, where 6 rows x 16-lane vectors with a one-register last half ran 55-85 */              \
+  /* (BENCHMARKS.md, "AVX2 machine, 2026-12-03"). The panel is stored group by group */            \
+  /* (`PanelBlocks`): the group of vectors [j, j + g) at xt + 8 j k_dim, k-major in rows of 8 g */ \
+  /* floats, so that a register block reads one contiguous stream; in rows of all the tokens a */  \
+  /* group's k block was 8 g floats in each of kc rows up to 1 KB apart, and one layer ran 1.08x */ \
+  /* slower at 264 tokens, 1.10x at 512, 1.15x at 1024 (BENCHMARKS.md, "AVX2 machine, 2026-12-03 */ \
+  /* (afternoon)"). k blocks: 128 from 40 tokens up, whose panel block must share L1 with the */   \
   /* weights'; float32 rows of at most 24 tokens whole (up to 4096), at 32 tokens in blocks of */  \
   /* 1024, so that their weights, each used once, stream in whole 12-row blocks rather than */     \
   /* pieces 4-14 KB apart, the panel's block (at most 384 KB) staying in L2 (`small`'s layers, */  \
   /* weights from memory: 16 and 24 tokens 66-82 -> 74-89 GFLOP/s a core; BENCHMARKS.md, "AVX2 */  \
   /* machine, 2026-12-03 (day)"); bf16/int8 blocks are widened into `scratch`, 256 at most. */     \
   template <WType T>                                                                               \
-  void nk_panel8(const void* w, int64_t k_dim, int64_t n0, int64_t n1, const float* xt, int64_t ldx,\
-                 int64_t lanes, float* c, int64_t ldc) {                                           \
+  void nk_panel8(const void* w, int64_t k_dim, int64_t n0, int64_t n1, const float* xt, int64_t lanes,\
+                 float* c, int64_t ldc) {                                                          \
     constexpr int64_t kRowBlock = 12;                                                              \
     alignas(64) float scratch[kRowBlock * 2 * kKc];                                                \
     const int64_t kcb = T == WType::kF32 && lanes <= 24   ? std::min<int64_t>(k_dim, 4096)        \
@@ -237,13 +246,13 @@ constexpr int64_t kMaxRows = 16;
         int64_t ldw;                                                                               \
         const float* wr = weight_block<T>(w, k_dim, n, rows, kb, kc, scratch, ldw);                \
         for (int j = 0; j < nv;) {                                                                 \
-          const int left = nv - j, group = left >= 6 ? 3 : left >= 4 ? 2 : left;                   \
-          const float* xj = xt + kb * ldx + 8 * j;                                                 \
+          const int group = static_cast<int>(GroupVectors(nv - j));                                \
+          const float* xj = xt + 8 * j * k_dim + kb * 8 * group;                                   \
           float* cj = c + (n - n0) * ldc + 8 * j;                                                  \
           switch (group) {                                                                         \
-            case 1: rows_ymm<6, 1>(wr, ldw, xj, ldx, kc, cj, ldc, rows); break;                    \
-            case 2: rows_ymm<6, 2>(wr, ldw, xj, ldx, kc, cj, ldc, rows); break;                    \
-            default: rows_ymm<4, 3>(wr, ldw, xj, ldx, kc, cj, ldc, rows); break;                   \
+            case 1: rows_ymm<6, 1>(wr, ldw, xj, 8, kc, cj, ldc, rows); break;                      \
+            case 2: rows_ymm<6, 2>(wr, ldw, xj, 16, kc, cj, ldc, rows); break;                     \
+            default: rows_ymm<4, 3>(wr, ldw, xj, 24, kc, cj, ldc, rows); break;                    \
           }                                                                                        \
           j += group;                                                                              \
         }                                                                                          \
@@ -253,7 +262,8 @@ constexpr int64_t kMaxRows = 16;
                                                                                                    \
   /* c[(n - n0) * ldc + l] += sum_k w[n, k] xt[k * ldx + l] for n in [n0, n1), l < lanes: weight */\
   /* rows of w [N, K] times an activation panel (tokens along the lanes: whole vectors of 16, up to */\
-  /* kPanel of them; on AVX2 any number of 8-lane vectors, `nk_panel8`), k in blocks of kKc (the */\
+  /* kPanel of them; on AVX2 any number of 8-lane vectors stored in groups, `nk_panel8`, which */   \
+  /* takes no ldx), k in blocks of kKc (the */                                                     \
   /* panel's block stays in L1 while the rows pass); bf16/int8 rows are widened block by block, */ \
   /* and the next row group's block is prefetched while this one computes. Register blocks with 32 */\
   /* vector registers (kWide): 8 rows x up to 3 vectors of 16 tokens, or 4 x 4; with 16 and */     \
@@ -261,7 +271,7 @@ constexpr int64_t kMaxRows = 16;
   template <WType T>                                                                               \
   void nk_panel(const void* w, int64_t k_dim, int64_t n0, int64_t n1, const float* xt, int64_t ldx,\
                 int64_t lanes, float* c, int64_t ldc) {                                            \
-    if constexpr (kLanes8) return nk_panel8<T>(w, k_dim, n0, n1, xt, ldx, lanes, c, ldc);          \
+    if constexpr (kLanes8) return nk_panel8<T>(w, k_dim, n0, n1, xt, lanes, c, ldc);               \
     alignas(64) float scratch[8 * kKc];                                                            \
     const int mv = static_cast<int>(lanes / 16);                                                   \
     const int64_t nr = kWide ? (mv <= 3 ? 8 : 4) : 6;                                              \
@@ -984,6 +994,29 @@ ffi::Error LinearImpl(ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w,
 // Weight rows per MoE task (hidden rows in stage 1, output columns in stage 2), both MoE paths.
 constexpr int64_t kRows = 64;
 
+// A run of an expert's panel lanes stored k-major on its own: lanes [first, first + lanes), row k
+// at first * K + k * stride floats (K the rows' length: D for the tokens, F for the hidden panel).
+struct LaneBlock {
+  int64_t first, lanes, stride;
+};
+
+// How `MoePanels` stores an expert's panel of mpad lanes for `NkPanel`. 8-lane panels: one block
+// per register-block group of vectors (`nk_panel8`). 16-lane panels: one block of every lane, its
+// rows 8 lanes further apart where mpad is a multiple of 32 from 64 up (rows a multiple of 128
+// bytes apart fall in half of L1's sets or fewer: on AVX2 with the weights streaming from memory
+// 96 tokens ran at 69 GFLOP/s a core against 81 with the 8 lanes more, 128 at 71-75 against 81-83;
+// BENCHMARKS.md, "AVX2 machine, 2026-12-03 (day)").
+std::vector<LaneBlock> PanelBlocks(int64_t mpad, bool grouped) {
+  if (!grouped) return {{0, mpad, mpad + (mpad >= 64 && mpad % 32 == 0 ? 8 : 0)}};
+  std::vector<LaneBlock> blocks;
+  for (int64_t j = 0, nv = mpad / 8; j < nv;) {
+    const int64_t g = GroupVectors(nv - j);
+    blocks.push_back({8 * j, 8 * g, 8 * g});
+    j += g;
+  }
+  return blocks;
+}
+
 // The MoE layer for many tokens (a prompt chunk), bound by arithmetic rather than memory: each
 // expert's rows gathered transposed ([D, rows rounded up to `PanelLanes`, 8 or 16], tokens along
 // the vector lanes), then register-blocked outer products (`nk_panel`) that use every weight
@@ -998,12 +1031,10 @@ void MoePanels(const float* x, int64_t t_dim, int64_t d, int64_t f, int64_t top,
                const std::vector<std::vector<int64_t>>& rows, const std::vector<int64_t>& active,
                const std::vector<const void*>& wp, const std::vector<const float*>& sp, int64_t n_experts,
                WType t, float* y) {
-  // mpad: an expert's tokens rounded up to whole vectors; ld: the row stride of its panels, 8 lanes
-  // more where mpad is a multiple of 32 from 64 up (rows a multiple of 128 bytes apart fall in half
-  // of L1's sets or fewer: with the weights streaming from memory 96 tokens ran at 69 GFLOP/s a
-  // core against 81 with the 8 lanes more, 128 at 71-75 against 81-83; BENCHMARKS.md, "AVX2
-  // machine, 2026-12-03 (day)").
-  std::vector<int64_t> mpad(n_experts, 0), ld(n_experts, 0);
+  // mpad: an expert's tokens rounded up to whole vectors; blocks: how its panels are stored
+  // (`PanelBlocks`).
+  std::vector<int64_t> mpad(n_experts, 0);
+  std::vector<std::vector<LaneBlock>> blocks(n_experts);
   // Uninitialised: every lane of ht is written in stage 1, and xt's padding lanes are zeroed below.
   std::vector<std::unique_ptr<float[]>> xt(n_experts), ht(n_experts);
   // With 16-lane vectors, each expert's vectors split into as few panels of at most kPanel tokens
@@ -1028,18 +1059,22 @@ void MoePanels(const float* x, int64_t t_dim, int64_t d, int64_t f, int64_t top,
         at += size;
       }
     }
-    ld[e] = mpad[e] + (mpad[e] >= 64 && mpad[e] % 32 == 0 ? 8 : 0);
-    xt[e].reset(new float[d * ld[e]]);
-    ht[e].reset(new float[f * ld[e]]);
+    blocks[e] = PanelBlocks(mpad[e], one_panel);
+    const int64_t width = blocks[e].back().first + blocks[e].back().stride;
+    xt[e].reset(new float[d * width]);
+    ht[e].reset(new float[f * width]);
   }
-  // Each expert's tokens transposed into its panel rows, experts in parallel.
+  // Each expert's tokens transposed into its panel blocks, experts in parallel.
   ParallelFor(static_cast<int64_t>(active.size()), [&](int64_t i) {
-    const int64_t e = active[i], r = rows[e].size(), le = ld[e];
-    float* xe = xt[e].get();
-    for (int64_t k = 0; k < d; ++k) std::fill(xe + k * le + r, xe + k * le + mpad[e], 0.f);
-    for (int64_t m = 0; m < r; ++m) {
-      const float* xm = x + (rows[e][m] / top) * d;
-      for (int64_t k = 0; k < d; ++k) xe[k * le + m] = xm[k];
+    const int64_t e = active[i], r = rows[e].size();
+    for (const LaneBlock& b : blocks[e]) {
+      float* xb = xt[e].get() + b.first * d;
+      const int64_t valid = std::clamp<int64_t>(r - b.first, 0, b.lanes);
+      for (int64_t k = 0; k < d; ++k) std::fill(xb + k * b.stride + valid, xb + k * b.stride + b.lanes, 0.f);
+      for (int64_t m = 0; m < valid; ++m) {
+        const float* xm = x + (rows[e][b.first + m] / top) * d;
+        for (int64_t k = 0; k < d; ++k) xb[k * b.stride + m] = xm[k];
+      }
     }
   });
   std::memset(y, 0, sizeof(float) * t_dim * d);
@@ -1056,17 +1091,24 @@ void MoePanels(const float* x, int64_t t_dim, int64_t d, int64_t f, int64_t top,
       thread_local std::vector<float> cg, cu;
       cg.assign(np * block, 0.f);
       cu.assign(np * block, 0.f);
+      const int64_t ld = blocks[e][0].stride;  // 16-lane panels: their one block's
       for (int64_t j = 0; j < np; ++j)
-        NkPanel<T>(wp[e], d, f0, f1, xt[e].get() + panels[e][j].first, ld[e], panels[e][j].second, &cg[j * block],
-                   ldc);
+        NkPanel<T>(wp[e], d, f0, f1, xt[e].get() + panels[e][j].first, ld, panels[e][j].second, &cg[j * block], ldc);
       for (int64_t j = 0; j < np; ++j)
-        NkPanel<T>(wp[n_experts + e], d, f0, f1, xt[e].get() + panels[e][j].first, ld[e], panels[e][j].second,
+        NkPanel<T>(wp[n_experts + e], d, f0, f1, xt[e].get() + panels[e][j].first, ld, panels[e][j].second,
                    &cu[j * block], ldc);
+      // Each panel's lanes into the hidden panel's blocks they fall in (one panel in 8-lane blocks,
+      // or 16-lane panels in one block).
       for (int64_t j = 0; j < np; ++j) {
         const auto [p0, size] = panels[e][j];
-        for (int64_t n = f0; n < f1; ++n)
-          SwiGlu(&cg[j * block + (n - f0) * ldc], &cu[j * block + (n - f0) * ldc], size,
-                 sg ? sg[n] : 1.f, su ? su[n] : 1.f, ht[e].get() + n * ld[e] + p0);
+        for (const LaneBlock& b : blocks[e]) {
+          const int64_t lo = std::max(p0, b.first), hi = std::min(p0 + size, b.first + b.lanes);
+          if (lo >= hi) continue;
+          float* hb = ht[e].get() + b.first * f + (lo - b.first);
+          for (int64_t n = f0; n < f1; ++n)
+            SwiGlu(&cg[j * block + (n - f0) * ldc + lo - p0], &cu[j * block + (n - f0) * ldc + lo - p0], hi - lo,
+                   sg ? sg[n] : 1.f, su ? su[n] : 1.f, hb + n * b.stride);
+        }
       }
     });
     const int64_t d_rows = one_panel ? 2 * kRows : kRows, d_tasks = (d + d_rows - 1) / d_rows;
@@ -1079,7 +1121,7 @@ void MoePanels(const float* x, int64_t t_dim, int64_t d, int64_t f, int64_t top,
         const int64_t r = rows[e].size();
         for (const auto& [p0, size] : panels[e]) {
           std::fill(c.begin(), c.end(), 0.f);
-          NkPanel<T>(wp[2 * n_experts + e], f, d0, d1, ht[e].get() + p0, ld[e], size, c.data(), ldc);
+          NkPanel<T>(wp[2 * n_experts + e], f, d0, d1, ht[e].get() + p0, blocks[e][0].stride, size, c.data(), ldc);
           for (int64_t l = 0; l < std::min(size, r - p0); ++l) {
             const int64_t a = rows[e][p0 + l];
             float* yt = y + (a / top) * d;
