@@ -222,20 +222,21 @@ constexpr int64_t GroupVectors(int64_t left) { return left >= 6 ? 3 : left >= 4 
   /* (`PanelBlocks`): the group of vectors [j, j + g) at xt + 8 j k_dim, k-major in rows of 8 g */ \
   /* floats, so that a register block reads one contiguous stream; in rows of all the tokens a */  \
   /* group's k block was 8 g floats in each of kc rows up to 1 KB apart, and one layer ran 1.08x */ \
-  /* slower at 264 tokens, 1.10x at 512, 1.15x at 1024 (BENCHMARKS.md, "AVX2 machine, 2026-12-03 */ \
-  /* (afternoon)"). k blocks: 128 from 40 tokens up, whose panel block must share L1 with the */   \
-  /* weights'; float32 rows of at most 24 tokens whole (up to 4096), at 32 tokens in blocks of */  \
-  /* 1024, so that their weights, each used once, stream in whole 12-row blocks rather than */     \
-  /* pieces 4-14 KB apart, the panel's block (at most 384 KB) staying in L2 (`small`'s layers, */  \
-  /* weights from memory: 16 and 24 tokens 66-82 -> 74-89 GFLOP/s a core; BENCHMARKS.md, "AVX2 */  \
-  /* machine, 2026-12-03 (day)"); bf16/int8 blocks are widened into `scratch`, 256 at most. */     \
+  /* slower at 264 tokens, 1.10x at 512, 1.15x at 1024. float32 k blocks: whole rows (up to 4096) */ \
+  /* for at most 24 tokens, so that their weights, each used once, stream in whole 12-row blocks */ \
+  /* rather than pieces 4-14 KB apart, the panel's block (at most 384 KB) staying in L2 */         \
+  /* (`small`'s layers, weights from memory: 16 and 24 tokens 66-82 -> 74-89 GFLOP/s a core); */   \
+  /* 1024 above, where a group's contiguous block streams from L2 as well as it sat in L1 and the */ \
+  /* accumulators pass through memory 8x less often than with the 128 that rows of all the tokens */ \
+  /* needed (one layer 1.08x at 512 tokens, 1.09x at 1024). bf16/int8 blocks are widened into */   \
+  /* `scratch`, 256 at most. (BENCHMARKS.md, "AVX2 machine, 2026-12-03 (day)" and "(afternoon)".) */ \
   template <WType T>                                                                               \
   void nk_panel8(const void* w, int64_t k_dim, int64_t n0, int64_t n1, const float* xt, int64_t lanes,\
                  float* c, int64_t ldc) {                                                          \
     constexpr int64_t kRowBlock = 12;                                                              \
     alignas(64) float scratch[kRowBlock * 2 * kKc];                                                \
-    const int64_t kcb = T == WType::kF32 && lanes <= 24   ? std::min<int64_t>(k_dim, 4096)        \
-                        : T == WType::kF32 && lanes <= 32 ? 8 * kKc                                \
+    const int64_t kcb = T == WType::kF32 && lanes <= 24 ? std::min<int64_t>(k_dim, 4096)           \
+                        : T == WType::kF32                ? 8 * kKc                                \
                         : lanes <= 24                     ? 2 * kKc                                \
                                                           : kKc;                                   \
     const int nv = static_cast<int>(lanes / 8);                                                    \
