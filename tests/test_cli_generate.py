@@ -171,6 +171,17 @@ def test_generate_uses_the_built_in_demo_model():
     assert out.startswith("def fibonacci(n):") and len(out) > len("def fibonacci(n):\n")
 
 
+def test_verbose_logs_this_projects_progress_alone():
+    """-v: the library's INFO lines on stderr (loading, which decode path runs), none of orbax's
+    per-array INFO or JAX's backend search; stdout is the same as without it."""
+    args = ("generate", "--prompt", "def fibonacci(n):", "--max-new-tokens", 6)
+    quiet, verbose = cli(*args), cli("-v", *args)
+    assert verbose.stdout == quiet.stdout and quiet.stderr == ""
+    lines = verbose.stderr.splitlines()
+    assert any(line.startswith("INFO mixtral_jax.checkpoint: loading") for line in lines), lines[:5]
+    assert all(line.split(" ", 2)[1].startswith("mixtral_jax.") for line in lines if line.startswith("INFO")), lines
+
+
 # ---- generation_config.json: checkpoint defaults under explicit flags ----
 
 def with_generation_config(path, tmp_path, config) -> str:

@@ -13,11 +13,12 @@ from . import convert, evals, finetune, generate, plan, routing, serve, train
 from .common import PROG, Parser, UsageError, init_distributed
 
 _GROUPS = (convert, generate, evals, serve, plan, train, finetune, routing)
+_LOGGERS = ("mixtral_jax", "mixtral_convert")
 
 
 def build_parser() -> Parser:
     parser = Parser(prog=PROG, description="Mixtral sparse mixture-of-experts in JAX.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log progress (INFO)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress (this project's INFO messages)")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     for group in _GROUPS:
         group.add_parsers(sub)
@@ -27,8 +28,11 @@ def build_parser() -> Parser:
 def main(argv=None) -> int:
     try:
         args = build_parser().parse_args(argv)
-        logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                            format="%(levelname)s %(name)s: %(message)s")
+        # --verbose is this project's progress: other libraries' INFO (orbax logs every array it
+        # reads, JAX every backend it looks for) would bury it, so they stay at WARNING.
+        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+        for name in _LOGGERS:
+            logging.getLogger(name).setLevel(logging.INFO if args.verbose else logging.WARNING)
         if not init_distributed(args):
             return args.func(args)
         import jax
