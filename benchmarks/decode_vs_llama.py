@@ -46,14 +46,16 @@ def ours_prefill(ckpt: str) -> float:
     return float(run.stdout.strip().splitlines()[-1])
 
 
-def prefill_child(ckpt: str) -> None:
-    """Prints our float32 prefill tok/s of a PREFILL_LENGTHS[-1]-token prompt, as the bench times it."""
+def prefill_child(ckpt: str, weight_type: str = "float32") -> None:
+    """Prints our prefill tok/s of a PREFILL_LENGTHS[-1]-token prompt with `weight_type` weights
+    (a key of bench.DECODE_PATHS), as the bench times it, in this process's kernel setting."""
     import numpy as np
 
     from mixtral_jax import checkpoint
     from mixtral_jax.sampler import generate
 
-    model = checkpoint.load(ckpt, dtype="float32")
+    dtype, quantize = bench.DECODE_PATHS[weight_type]
+    model = checkpoint.load(ckpt, dtype=dtype, quantize=quantize)
     n = bench.PREFILL_LENGTHS[-1]
     prompt = [np.random.default_rng(0).integers(3, model.config.vocab_size, n).tolist()]
     _, median = bench.timed(lambda: generate(model, prompt, max_new_tokens=1, stop_tokens=[]), 3)
@@ -66,7 +68,7 @@ def theirs_prefill(llama_bench: str, ggufs: dict[str, str]) -> dict[str, float]:
 
 def main():
     if sys.argv[1:2] == ["--prefill-child"]:
-        return prefill_child(sys.argv[2])
+        return prefill_child(*sys.argv[2:4])
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--llama-bench", required=True)
     parser.add_argument("--rounds", type=int, default=3)

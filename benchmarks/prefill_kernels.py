@@ -4,9 +4,9 @@ Issue 16 keeps prefill on its XLA path except where the kernels are faster: the 
 prompt chunk up to `kernels.MOE_MAX_ROWS` tokens runs on the kernel's register-blocked panels, for
 float32, bfloat16 and int8 weights alike. This script checks that against the pure-JAX path on the
 same random `small` weights: each round, for each weight type, `generate` (prefill and one token,
-median of 3 after a warm-up) in a child process with MIXTRAL_JAX_CPU_KERNELS=1, then one with =0
-(the kernel choice is made when a program is traced). It prints each child's tok/s and, per weight
-type, the ratio of the medians and of each round.
+median of 3 after a warm-up; `decode_vs_llama.py --prefill-child CKPT TYPE`) in a child process with
+MIXTRAL_JAX_CPU_KERNELS=1, then one with =0 (the kernel choice is made when a program is traced).
+It prints each child's tok/s and, per weight type, the ratio of the medians and of each round.
 
     python benchmarks/prefill_kernels.py [--rounds 3] [--types int8,bfloat16,float32]
 """
@@ -21,31 +21,16 @@ from mixtral_jax import bench, kernels
 from mixtral_jax.config import MixtralConfig
 
 
-def child(ckpt: str, weight_type: str) -> None:
-    """Prints this process's prefill tok/s of a PREFILL_LENGTHS[-1]-token prompt."""
-    import numpy as np
-
-    from mixtral_jax import checkpoint
-    from mixtral_jax.sampler import generate
-
-    dtype, quantize = bench.DECODE_PATHS[weight_type]
-    model = checkpoint.load(ckpt, dtype=dtype, quantize=quantize)
-    n = bench.PREFILL_LENGTHS[-1]
-    prompt = [np.random.default_rng(0).integers(3, model.config.vocab_size, n).tolist()]
-    _, median = bench.timed(lambda: generate(model, prompt, max_new_tokens=1, stop_tokens=[]), 3)
-    print(n / median)
-
-
 def run_child(ckpt: str, weight_type: str, on: bool) -> float:
+    """Prefill tok/s in a child process (decode_vs_llama.py's) with the kernels on or off."""
     env = dict(os.environ, **{kernels.ENV: "1" if on else "0"})
-    run = subprocess.run([sys.executable, __file__, "--child", ckpt, weight_type], capture_output=True, text=True,
-                         timeout=1800, check=True, env=env)
+    run = subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__), "decode_vs_llama.py"),
+                          "--prefill-child", ckpt, weight_type], capture_output=True, text=True, timeout=1800,
+                         check=True, env=env)
     return float(run.stdout.strip().splitlines()[-1])
 
 
 def main():
-    if sys.argv[1:2] == ["--child"]:
-        return child(*sys.argv[2:4])
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--types", default="int8,bfloat16,float32",
