@@ -359,11 +359,19 @@ constexpr int64_t GroupVectors(int64_t left) { return left >= 6 ? 3 : left >= 4 
     }                                                                                              \
   }                                                                                                \
                                                                                                    \
+  /* Whether one activation row reads [N, K] weight rows one at a time (`nk_row1`; in the MoE */  \
+  /* layer two, `nk_row_pair`) rather than in `nk_block`'s four-row blocks: everywhere but int8 */ \
+  /* with 32 vector registers. On Zen 5 (a C copy of `small`'s batch-1 MoE layers, alternating in */\
+  /* one process) row pairs read float32 and bf16 1.09-1.21x faster than four-row blocks with */   \
+  /* their prefetches, int8 0.85-0.98x (BENCHMARKS.md, "Zen 5 machine, third session"). */          \
+  template <WType T>                                                                               \
+  constexpr bool RowByRow() { return !kWide || T != WType::kI8; }                                  \
+                                                                                                   \
   /* y[m * ldy + (n - n0)] = sum_k x[m, k] w[n, k] (* scale[n]) for n in [n0, n1). */              \
   template <WType T>                                                                               \
   void nk_rows(const float* x, int64_t m_rows, int64_t k_dim, const void* w, const float* scale,   \
                int64_t n0, int64_t n1, float* y, int64_t ldy) {                                    \
-    if (!kWide && m_rows == 1) {                                                                   \
+    if (RowByRow<T>() && m_rows == 1) {                                                            \
       for (int64_t n = n0; n < n1; ++n) nk_row1<T>(x, k_dim, w, scale, n, y + (n - n0));           \
       return;                                                                                      \
     }                                                                                              \
@@ -756,16 +764,6 @@ void NkRows(const float* x, int64_t m, int64_t k, const void* w, const float* s,
   generic::nk_rows<T>(x, m, k, w, s, n0, n1, y, ldy);
 }
 
-// Whether one activation row's MoE layer reads its single weight rows in pairs (`MoeRowPairs`):
-// where `nk_rows` reads them one at a time (without 32 vector registers).
-bool RowPairs() {
-#if defined(__x86_64__) && defined(__GNUC__)
-  if (kIsa == Isa::kAvx512) return !avx512::kWide;
-  if (kIsa == Isa::kAvx2) return !avx2::kWide;
-#endif
-  return !generic::kWide;
-}
-
 template <WType T>
 void NkRowPair(const float* x0, const void* w0, const float* s0, const float* x1, const void* w1, const float* s1,
                int64_t k, int64_t n0, int64_t n1, float* y0, float* y1) {
@@ -927,6 +925,22 @@ void WithType(WType t, const Fn& fn) {
   if (t == WType::kF32) fn(std::integral_constant<WType, WType::kF32>());
   else if (t == WType::kBF16) fn(std::integral_constant<WType, WType::kBF16>());
   else fn(std::integral_constant<WType, WType::kI8>());
+}
+
+// Whether one activation row's MoE layer reads its single weight rows in pairs (`MoeRowPairs`):
+// where `nk_rows` reads them one at a time (`RowByRow`).
+bool RowPairs(WType t) {
+  bool pairs = false;
+  WithType(t, [&](auto tc) {
+    constexpr WType T = decltype(tc)::value;
+#if defined(__x86_64__) && defined(__GNUC__)
+    if (kIsa == Isa::kAvx512) pairs = avx512::RowByRow<T>();
+    else if (kIsa == Isa::kAvx2) pairs = avx2::RowByRow<T>();
+    else
+#endif
+      pairs = generic::RowByRow<T>();
+  });
+  return pairs;
 }
 
 // x [M, K] float32; w [K, N] (nk = false) or [N, K] (nk = true) in f32/bf16/s8; scale [N] float32
@@ -1255,7 +1269,7 @@ ffi::Error MoeImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> experts,
     if (qx.ok && MoeRowI16(qx, d, f, rows, active, g, wp, sp, n_experts, y->typed_data()))
       return ffi::Error::Success();
   }
-  if (t_dim == 1 && RowPairs()) {
+  if (t_dim == 1 && RowPairs(t)) {
     MoeRowPairs(x.typed_data(), d, f, rows, active, g, wp, sp, n_experts, t, y->typed_data());
     return ffi::Error::Success();
   }
