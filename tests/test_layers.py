@@ -68,3 +68,34 @@ def test_grouped_attention_matches_hf_attention_module(rng):
     mask = attention_mask(jnp.asarray(positions), jnp.arange(t), jnp.ones((2, t), bool), None)
     out = jnp.einsum("btnh,nhd->btd", grouped_attention(q, k, v, mask), wo)
     np.testing.assert_allclose(np.asarray(out), ref, atol=LAYER_ATOL, rtol=0)
+
+
+def test_embed_rows_equal_indexing_and_leave_a_bfloat16_table_as_it_is():
+    """`embed_rows` is `table[tokens]` in value and gradient; in a loop that looks up one token a
+    step (`generate`'s decode), XLA:CPU made a float32 copy of a bfloat16 table with plain indexing."""
+    import re
+
+    import jax
+
+    from mixtral_jax.model import embed_rows
+
+    table = jax.random.normal(jax.random.key(0), (512, 64))
+    tokens = jnp.array([[1, 7, 7, 300]])
+    for dtype in (jnp.float32, jnp.bfloat16):
+        t = table.astype(dtype)
+        assert embed_rows(t, tokens).dtype == dtype
+        np.testing.assert_array_equal(np.asarray(embed_rows(t, tokens), np.float32), np.asarray(t[tokens], np.float32))
+        loss = lambda f: lambda w: (f(w, tokens).astype(jnp.float32) ** 2).sum()  # noqa: E731
+        np.testing.assert_array_equal(np.asarray(jax.grad(loss(embed_rows))(t), np.float32),
+                                      np.asarray(jax.grad(loss(lambda w, i: w[i]))(t), np.float32))
+
+    def widened_copies(lookup) -> int:
+        def run(t, tok):
+            def body(_, carry):
+                x, tok = carry
+                return x + lookup(t, tok[:, None]).astype(jnp.float32)[:, 0], (tok + 1) % 512
+            return jax.lax.fori_loop(0, 4, body, (jnp.zeros((1, 64)), tok))
+        text = jax.jit(run).lower(table.astype(jnp.bfloat16), jnp.array([3])).compile().as_text()
+        return len(re.findall(r"f32\[512,64\]", text))
+
+    assert widened_copies(embed_rows) == 0
