@@ -40,9 +40,10 @@ def theirs(llama_bench: str, gguf: str) -> float:
     return bench.llama_bench_rows(llama_bench, {"model": gguf}, 0, bench.LLAMA_DECODE_TOKENS, 3)[0][2]
 
 
-def ours_prefill(ckpt: str) -> float:
-    run = subprocess.run([sys.executable, __file__, "--prefill-child", ckpt], capture_output=True, text=True,
-                         timeout=1800, check=True)
+def ours_prefill(ckpt: str, weight_type: str = "float32", env: dict[str, str] | None = None) -> float:
+    """`prefill_child`'s tok/s, run in a child process with environment `env` (None: this one's)."""
+    run = subprocess.run([sys.executable, __file__, "--prefill-child", ckpt, weight_type], capture_output=True,
+                         text=True, timeout=1800, check=True, env=env)
     return float(run.stdout.strip().splitlines()[-1])
 
 

@@ -14,20 +14,15 @@ It prints each child's tok/s and, per weight type, the ratio of the medians and 
 import argparse
 import os
 import statistics
-import subprocess
-import sys
 
+from decode_vs_llama import ours_prefill  # this folder's script, whose prefill child runs here
 from mixtral_jax import bench, kernels
 from mixtral_jax.config import MixtralConfig
 
 
 def run_child(ckpt: str, weight_type: str, on: bool) -> float:
     """Prefill tok/s in a child process (decode_vs_llama.py's) with the kernels on or off."""
-    env = dict(os.environ, **{kernels.ENV: "1" if on else "0"})
-    run = subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__), "decode_vs_llama.py"),
-                          "--prefill-child", ckpt, weight_type], capture_output=True, text=True, timeout=1800,
-                         check=True, env=env)
-    return float(run.stdout.strip().splitlines()[-1])
+    return ours_prefill(ckpt, weight_type, dict(os.environ, **{kernels.ENV: "1" if on else "0"}))
 
 
 def main():
