@@ -6,12 +6,18 @@ same random `small` weights and GGUF exports as the bench and then alternates, r
 decode child for each weight type (its own process, as the bench runs it), then `llama-bench`
 decoding the matching GGUF type. It prints each round's tok/s and the ratios of the medians.
 
+`--interleaved` makes the decode rounds short: one process of ours stays loaded and compiled for
+each weight type, and each round is one timing of LLAMA_DECODE_TOKENS steps by it beside one
+`llama-bench -r 1` run of as many tokens (a few seconds each), so a round's two figures come from
+the same phase of the host. It prints the median and quartiles of the per-round ratios.
+
 `--prefill` alternates prefill of a 512-token prompt instead (issue 16's prefill target): our
 float32 `generate` (prefill and one token, median of 3 after a warm-up, in a child process) against
 `llama-bench -p 512` on every GGUF type of the pairs, each round's ratio taken against llama.cpp's
 best type in that round.
 
     python benchmarks/decode_vs_llama.py --llama-bench PATH [--rounds 3] [--pairs int8:q8_0,float32:f32]
+    python benchmarks/decode_vs_llama.py --llama-bench PATH --interleaved [--rounds 30] [--pairs float32:f32]
     python benchmarks/decode_vs_llama.py --llama-bench PATH --prefill [--rounds 3] [--pairs float32:f32,...]
 """
 
@@ -36,8 +42,86 @@ def ours(ckpt: str, weight_type: str) -> float:
     return json.loads(run.stdout.strip().splitlines()[-1])["1"]
 
 
-def theirs(llama_bench: str, gguf: str) -> float:
-    return bench.llama_bench_rows(llama_bench, {"model": gguf}, 0, bench.LLAMA_DECODE_TOKENS, 3)[0][2]
+def theirs(llama_bench: str, gguf: str, runs: int = 3) -> float:
+    return bench.llama_bench_rows(llama_bench, {"model": gguf}, 0, bench.LLAMA_DECODE_TOKENS, runs)[0][2]
+
+
+def decode_server(ckpt: str, weight_type: str) -> None:
+    """Loads and compiles once, prints "ready", then answers each line of stdin with one batch-1
+    decode rate (tok/s): LLAMA_DECODE_TOKENS steps of `generate`, less a one-token call, as the
+    bench's `step_time` takes them."""
+    import time
+
+    import numpy as np
+
+    from mixtral_jax import checkpoint
+    from mixtral_jax.sampler import generate
+
+    dtype, quantize = bench.DECODE_PATHS[weight_type]
+    model = checkpoint.load(ckpt, dtype=dtype, quantize=quantize)
+    prompt = [np.random.default_rng(0).integers(3, model.config.vocab_size, 16).tolist()]
+    steps = bench.LLAMA_DECODE_TOKENS
+
+    def call(n):
+        start = time.perf_counter()
+        generate(model, prompt, max_new_tokens=n, stop_tokens=[])
+        return time.perf_counter() - start
+
+    call(1), call(steps + 1)
+    print("ready", flush=True)
+    for _ in sys.stdin:
+        short = call(1)
+        print(steps / max(call(steps + 1) - short, 1e-9), flush=True)
+
+
+class OursServer:
+    """A `decode_server` child; `rate()` asks it for one measurement."""
+
+    def __init__(self, ckpt: str, weight_type: str):
+        self.proc = subprocess.Popen([sys.executable, __file__, "--decode-server", ckpt, weight_type],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        if self.proc.stdout.readline().strip() != "ready":
+            self.close()
+            raise RuntimeError(f"decode server for {weight_type} did not start")
+
+    def rate(self) -> float:
+        self.proc.stdin.write("\n")
+        self.proc.stdin.flush()
+        return float(self.proc.stdout.readline())
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(timeout=60)
+
+
+def interleaved_rounds(llama_bench: str, ckpt: str, ggufs: dict[str, str], pairs, rounds: int) -> None:
+    servers = {}
+    try:
+        for ours_type, _ in pairs:
+            servers[ours_type] = OursServer(ckpt, ours_type)
+        rates = {p: ([], []) for p in pairs}
+        for r in range(rounds):
+            for ours_type, kind in pairs:
+                # who goes first alternates, so a trend in the host's speed favours neither
+                if r % 2 == 0:
+                    a = servers[ours_type].rate()
+                    b = theirs(llama_bench, ggufs[kind], 1)
+                else:
+                    b = theirs(llama_bench, ggufs[kind], 1)
+                    a = servers[ours_type].rate()
+                rates[(ours_type, kind)][0].append(a)
+                rates[(ours_type, kind)][1].append(b)
+                print(f"round {r + 1}: ours {ours_type} {a:.1f} tok/s, llama.cpp {kind} {b:.1f} tok/s, "
+                      f"{a / b:.2f}x", flush=True)
+    finally:
+        for server in servers.values():
+            server.close()
+    for (ours_type, kind), (a, b) in rates.items():
+        ratios = sorted(x / y for x, y in zip(a, b))
+        q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
+        print(f"{ours_type} vs {kind}: medians {statistics.median(a):.1f} / {statistics.median(b):.1f} tok/s; "
+              f"per-round ratio median {statistics.median(ratios):.3f}x (quartiles {q[0]:.3f}x, {q[2]:.3f}x), "
+              f"ours faster in {sum(x > 1 for x in ratios)} of {len(ratios)} rounds")
 
 
 def ours_prefill(ckpt: str, weight_type: str = "float32", env: dict[str, str] | None = None) -> float:
@@ -70,18 +154,24 @@ def theirs_prefill(llama_bench: str, ggufs: dict[str, str]) -> dict[str, float]:
 def main():
     if sys.argv[1:2] == ["--prefill-child"]:
         return prefill_child(*sys.argv[2:4])
+    if sys.argv[1:2] == ["--decode-server"]:
+        return decode_server(*sys.argv[2:4])
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--llama-bench", required=True)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--pairs", default="int8:q8_0,float32:f32",
                         help="ours:theirs weight types, comma-separated (ours: float32, bfloat16, int8)")
     parser.add_argument("--prefill", action="store_true", help="prefill 512 tokens instead of decode")
+    parser.add_argument("--interleaved", action="store_true",
+                        help="short decode rounds against one loaded process of ours per weight type")
     args = parser.parse_args()
     pairs = [tuple(p.split(":")) for p in args.pairs.split(",")]
     if args.rounds < 1 or any(len(p) != 2 or p[0] not in PAIRS or p[1] not in bench.LLAMA_TYPES for p in pairs):
         parser.error(f"--rounds >= 1 and --pairs from {PAIRS} (theirs one of {bench.LLAMA_TYPES})")
     if not (os.path.isfile(args.llama_bench) and os.access(args.llama_bench, os.X_OK)):
         parser.error(f"--llama-bench {args.llama_bench}: not an executable file")
+    if args.prefill and args.interleaved:
+        parser.error("--interleaved times decode; it does not go with --prefill")
     from mixtral_convert.gguf_export import export_gguf
 
     def body(_hf, ckpt):
@@ -92,6 +182,8 @@ def main():
                 export_gguf(ckpt, ggufs[kind], gguf_type=kind)
             if args.prefill:
                 return prefill_rounds(args.llama_bench, ckpt, ggufs, args.rounds)
+            if args.interleaved:
+                return interleaved_rounds(args.llama_bench, ckpt, ggufs, pairs, args.rounds)
             rates = {p: ([], []) for p in pairs}
             for r in range(args.rounds):
                 for ours_type, kind in pairs:
