@@ -75,11 +75,12 @@ def decode_server(ckpt: str, weight_type: str) -> None:
 
 
 class OursServer:
-    """A `decode_server` child; `rate()` asks it for one measurement."""
+    """A `decode_server` child with environment `env` (None: this one's); `rate()` asks it for one
+    measurement."""
 
-    def __init__(self, ckpt: str, weight_type: str):
+    def __init__(self, ckpt: str, weight_type: str, env: dict[str, str] | None = None):
         self.proc = subprocess.Popen([sys.executable, __file__, "--decode-server", ckpt, weight_type],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
         if self.proc.stdout.readline().strip() != "ready":
             self.close()
             raise RuntimeError(f"decode server for {weight_type} did not start")

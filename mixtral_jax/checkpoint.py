@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from . import host_memory
 from .config import MixtralConfig
 from .generation_config import read as read_generation_config, write as write_generation_config
 from .quant import CONTRACTED, MODES as QUANT_MODES, quantize_globals, quantize_layer
@@ -287,7 +288,7 @@ def load(path, *, dtype=None, mesh=None, layout=None, quantize=None, adapter=Non
             # on host arrays, splitting makes views, not copies
             leaves = arrange_globals(leaves) if item == "globals" else arrange(leaves)
             if mesh is None:
-                leaves = jax.tree.map(jnp.asarray, leaves)
+                leaves = jax.tree.map(host_memory.place, leaves)
             _place(params, item, leaves)
             del leaves
             release_freed_memory()
@@ -298,7 +299,7 @@ def load(path, *, dtype=None, mesh=None, layout=None, quantize=None, adapter=Non
         def put(item: str, leaf: str, a: np.ndarray):
             a = a.astype(dt, copy=False)
             if mesh is None:
-                return jnp.asarray(a)
+                return host_memory.place(a)
             spec = specs[leaf] if item == "globals" else specs[item][leaf]
             return jax.make_array_from_callback(a.shape, sharding_for(spec.shape, spec.axes, mesh),
                                                 lambda index: a[index])
