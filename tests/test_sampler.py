@@ -20,6 +20,21 @@ def pair(tmp_path_factory):
     return model, mj.load(path)
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_greedy_is_argmax_with_ties_nans_and_infinities(dtype):
+    rng = np.random.default_rng(3)
+    rows = [rng.standard_normal(300), rng.integers(-2, 3, 300).astype(float)]  # random; many ties
+    for special in ([np.nan], [np.nan, np.nan], [np.inf], [np.inf, np.inf], [-np.inf]):
+        row = rng.integers(-2, 3, 300).astype(float)
+        row[rng.choice(300, len(special), replace=False)] = special
+        rows.append(row)
+    rows += [np.full(300, -np.inf), np.full(300, np.nan), np.array([-0.0, 0.0] * 150), np.array([0.0, -0.0] * 150)]
+    logits = jnp.asarray(np.stack(rows), dtype)
+    got = jax.jit(sampler.greedy)(logits)
+    assert got.dtype == jnp.int32
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(jnp.argmax(logits, axis=-1)))
+
+
 def prompts_of(lengths, seed=0):
     rng = np.random.default_rng(seed)
     return [rng.integers(3, CONFIG.vocab_size, n).tolist() for n in lengths]
