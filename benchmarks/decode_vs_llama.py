@@ -48,10 +48,8 @@ def theirs(llama_bench: str, gguf: str, runs: int = 3) -> float:
 
 def decode_server(ckpt: str, weight_type: str) -> None:
     """Loads and compiles once, prints "ready", then answers each line of stdin with one batch-1
-    decode rate (tok/s): LLAMA_DECODE_TOKENS steps of `generate`, less a one-token call, as the
-    bench's `step_time` takes them."""
-    import time
-
+    decode rate (tok/s): LLAMA_DECODE_TOKENS steps of `generate`, less a one-token call (the
+    bench's `step_time` over one pair)."""
     import numpy as np
 
     from mixtral_jax import checkpoint
@@ -62,16 +60,12 @@ def decode_server(ckpt: str, weight_type: str) -> None:
     prompt = [np.random.default_rng(0).integers(3, model.config.vocab_size, 16).tolist()]
     steps = bench.LLAMA_DECODE_TOKENS
 
-    def call(n):
-        start = time.perf_counter()
-        generate(model, prompt, max_new_tokens=n, stop_tokens=[])
-        return time.perf_counter() - start
-
-    call(1), call(steps + 1)
+    short = lambda: generate(model, prompt, max_new_tokens=1, stop_tokens=[])  # noqa: E731
+    long = lambda: generate(model, prompt, max_new_tokens=steps + 1, stop_tokens=[])  # noqa: E731
+    short(), long()
     print("ready", flush=True)
     for _ in sys.stdin:
-        short = call(1)
-        print(steps / max(call(steps + 1) - short, 1e-9), flush=True)
+        print(1 / bench.step_time(short, long, steps, 1, warm_up=False), flush=True)
 
 
 class OursServer:

@@ -50,10 +50,13 @@ LLAMA_TYPES = ("f32", "f16", "q8_0")
 LLAMA_DECODE_TOKENS = 128
 
 
-def step_time(short: Callable[[], Any], long: Callable[[], Any], steps: int, runs: int) -> float:
+def step_time(short: Callable[[], Any], long: Callable[[], Any], steps: int, runs: int,
+              warm_up: bool = True) -> float:
     """Seconds per decode step: the median over `runs` of (long - short) / steps, each pair timed
-    back to back (after one warm-up call of each) so machine noise affects both alike."""
-    short(), long()
+    back to back (after one warm-up call of each, unless the caller has made them) so machine
+    noise affects both alike."""
+    if warm_up:
+        short(), long()
     diffs = []
     for _ in range(runs):
         start = time.perf_counter()

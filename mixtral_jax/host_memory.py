@@ -55,11 +55,11 @@ def available() -> bool:
 
 
 def place(a) -> jax.Array:
-    """`a` (a host array) on the default device; in huge pages where `available()` and it spans
-    at least one."""
-    a = np.asarray(a)
+    """`a` (a host or JAX array) on the default device; in huge pages where `available()` and it
+    spans at least one."""
     if a.nbytes < HUGE_PAGE or not available():
         return jnp.asarray(a)
+    a = np.asarray(a)
     # A whole number of huge pages: Linux aligns such anonymous maps to a huge page (6.7 and
     # later); elsewhere the pages inside the map that are aligned still become huge.
     size = -(-a.nbytes // HUGE_PAGE) * HUGE_PAGE
