@@ -130,10 +130,8 @@ def kernel_steps(c, p, x, *, parts):
         for li in range(c.n_layers):
             layer = p[f"layers_{li}"]
             if "attention" in parts:
-                q = kernels.linear(x, kernels.flatten(layer["wq"], 1))
-                k = kernels.linear(x, kernels.flatten(layer["wk"], 1))
-                v = kernels.linear(x, kernels.flatten(layer["wv"], 1))
-                x = x + 1e-3 * kernels.linear(q, kernels.flatten(layer["wo"], 2)) + 1e-3 * (k.sum() + v.sum())
+                q, k, v = (kernels.linear(x, layer[w], nk=True) for w in ("wq", "wk", "wv"))  # [out, in]
+                x = x + 1e-3 * kernels.linear(q, layer["wo"], nk=True) + 1e-3 * (k.sum() + v.sum())
             if "moe" in parts:
                 e = (jnp.abs(x[0, :2] * 1000).astype(jnp.int32) + i) % c.n_experts  # varying experts
                 experts = jnp.stack([e[0], (e[0] + 1 + e[1] % 7) % 8])[None].astype(jnp.int32)

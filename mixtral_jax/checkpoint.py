@@ -238,8 +238,9 @@ def load(path, *, dtype=None, mesh=None, layout=None, quantize=None, adapter=Non
         into those shardings (each device reads only its slice); HF/Mistral folders are read one
         layer at a time on the host and then placed. In a multi-process run every process calls
         `load` with the same mesh.
-      layout: "stacked" (canonical [E, ...] expert weights) or "split" (per-expert leaves); None
-        for split on CPU without a mesh, stacked otherwise (see mixtral_jax.model).
+      layout: "stacked" (canonical [E, ...] expert weights) or "split" (per-expert leaves and 2-D
+        [out, in] attention matrices); None for split on CPU without a mesh, stacked otherwise
+        (see mixtral_jax.model).
       quantize: None, or "int8" for int8 weight-only expert and attention matrices and a bfloat16
         lm_head (see mixtral_jax.quant). A checkpoint converted with `--quantize int8` loads
         quantized anyway.

@@ -110,7 +110,8 @@ def delta(entry, dtype) -> jax.Array:
 
 def apply_to_layer(layer: dict[str, Any]) -> dict[str, Any]:
     """A decoder layer's parameters with its "lora" entry added into the weights (identity without
-    one). Expert weights may be stacked [E, in, out] or split into E [out, in] matrices."""
+    one). Expert weights may be stacked [E, in, out] or split into E [out, in] matrices, attention
+    matrices canonical or the CPU layout's 2-D [out, in] (mixtral_jax.model.split_layer)."""
     if "lora" not in layer:
         return layer
     adapters = layer["lora"]
@@ -125,6 +126,8 @@ def apply_to_layer(layer: dict[str, Any]) -> dict[str, Any]:
         if isinstance(w, tuple):  # the CPU split layout: per-expert [out, in]
             d = delta(entry, w[0].dtype)                                           # [E, in, out]
             out[name] = tuple(w_e + d[e].T for e, w_e in enumerate(w))
+        elif w.ndim == 2:  # the CPU layout's attention matrix [out, in] (canonical ones are 3-D)
+            out[name] = w + delta(entry, w.dtype).T
         else:
             out[name] = w + delta(entry, w.dtype).reshape(w.shape)
     return out

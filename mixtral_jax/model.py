@@ -18,8 +18,10 @@ Parameter layout (canonical; what `init_params` returns and checkpoints hold), x
 A layer's leaves sit flat in one dict `params["layers_{i}"]`; a layer may also hold an optional
 `router_bias` [E] (a routing intervention, `mixtral_jax.routing.intervene`; never in checkpoints) and
 a `lora` adapter entry (`mixtral_jax.lora.attach`).
-`load` returns, on CPU, the split layout instead: each expert weight a tuple of E per-expert
-matrices in [out, in] orientation (`split_experts`); `forward` and `generate` accept both. The KV cache
+`load` returns, on CPU, the split layout instead (`split_experts`): each expert weight a tuple of E
+per-expert matrices and each attention matrix one 2-D matrix, all in [out, in] orientation
+(wq [N*H, D], wk and wv [K*H, D], wo [D, N*H]; a canonical attention matrix is never 2-D, which is
+how the two are told apart); `forward` and `generate` accept both. The KV cache
 (`init_cache`) is `{"lengths": [B] int32, "layers_{i}": {"k": [B, S, K, H], "v": [B, S, K, H]}}`, or
 int8 with scales (mixtral_jax.kvcache).
 """
@@ -114,19 +116,35 @@ def init_params(config: MixtralConfig, seed: int = 0, dtype=jnp.float32) -> dict
 
 
 EXPERT_LEAVES = ("w_gate", "w_up", "w_down")
+# attention matrix -> how many of its canonical axes are inputs
+ATTENTION_INPUT_AXES = {"wq": 1, "wk": 1, "wv": 1, "wo": 2}
 
 
 def split_layer(layer: dict[str, Any]) -> dict[str, Any]:
-    """A layer with its [E, ...] expert weights split into tuples of E per-expert matrices in
-    [out, in] orientation (w_gate, w_up [F, D]; w_down [D, F]; see mixtral_jax.moe). On host
-    (numpy) arrays the matrices are views until placed on a device."""
+    """A layer in the CPU layout: its [E, ...] expert weights split into tuples of E per-expert
+    matrices in [out, in] orientation (w_gate, w_up [F, D]; w_down [D, F]; see mixtral_jax.moe),
+    and its attention matrices 2-D in [out, in] orientation, int8 scales [out, 1] (the decode
+    kernel reads each output's weights as one contiguous row; on Zen 5 batch-1 decode 1.015x
+    float32, 1.03x bf16, 1.075x int8, BENCHMARKS.md). On host (numpy) arrays the matrices are
+    views until placed on a device."""
     if is_split(layer["w_gate"]):
         return layer
     n_experts = jax.tree.leaves(layer["w_gate"])[0].shape[0]  # plain or int8 {"q", "scale"}
 
     def expert(w, e):
         return jax.tree.map(lambda a: a.T, take_expert(w, e))
-    return {**layer, **{k: tuple(expert(layer[k], e) for e in range(n_experts)) for k in EXPERT_LEAVES}}
+
+    def out_in(w, n_in):  # int8 scales have 1s on the input axes, so they become [out, 1]
+        return jax.tree.map(lambda a: a.reshape(math.prod(a.shape[:n_in]), -1).T, w)
+    return {**layer, **{k: tuple(expert(layer[k], e) for e in range(n_experts)) for k in EXPERT_LEAVES},
+            **{k: out_in(layer[k], n_in) for k, n_in in ATTENTION_INPUT_AXES.items()}}
+
+
+def attention_out_in(layer: dict[str, Any]) -> bool:
+    """Whether a layer's attention matrices are in the CPU layout's 2-D [out, in] form (its wq,
+    plain or int8, is 2-D; a canonical wq is [D, N, H])."""
+    w = layer["wq"]
+    return (w["q"] if is_quantized(w) else w).ndim == 2
 
 
 def split_experts(params) -> dict[str, Any]:
@@ -380,13 +398,15 @@ def _block(config, p, xs, positions, layer_cache, *, moe_strategy, capacity_fact
     p = lora.apply_to_layer(p)  # a LoRA adapter's update, formed here so one layer's exists at a time
     kv_axes = ("batch", "cache_sequence", "kv_heads", "head_dim")
     hs = [rms_norm(x, p["attn_norm"], config.norm_eps) for x in xs]
+    out_in = attention_out_in(p)
     qkv = []
     for h, pos in zip(hs, positions):
         cos, sin = pos.rope
-        q = apply_rope(_project(h, p["wq"], "btd,dnh->btnh", mesh), cos, sin)       # [B, T, N, H]
+        q_shape, kv_shape = (config.n_heads, config.head_dim), (config.n_kv_heads, config.head_dim)
+        q = apply_rope(_project(h, p["wq"], "btd,dnh->btnh", q_shape, out_in, mesh), cos, sin)   # [B, T, N, H]
         q = constrain(q, ("batch", "sequence", "q_heads", "head_dim"), mesh)
-        k = apply_rope(_project(h, p["wk"], "btd,dkh->btkh", mesh), cos, sin)       # [B, T, K, H]
-        v = _project(h, p["wv"], "btd,dkh->btkh", mesh)                             # [B, T, K, H]
+        k = apply_rope(_project(h, p["wk"], "btd,dkh->btkh", kv_shape, out_in, mesh), cos, sin)  # [B, T, K, H]
+        v = _project(h, p["wv"], "btd,dkh->btkh", kv_shape, out_in, mesh)                        # [B, T, K, H]
         qkv.append((q, k, v))
         if layer_cache is not None:
             # Every segment writes before any reads: a write after a read of the same cache would
@@ -402,7 +422,8 @@ def _block(config, p, xs, positions, layer_cache, *, moe_strategy, capacity_fact
         attn = attention_lib.attend(attention, q, k, v, pos.q_pos, pos.offset + pos.new_len, chunk,
                                     sliding_window=config.sliding_window, rows=pos.rows, mesh=mesh)  # [B, T, N, H]
         # [B, T, N*H] @ [N*H, D]: XLA's CPU dot contracting (n, h) directly runs ~13x slower
-        o = _project(attn.reshape(b, t, -1), kernels.flatten(p["wo"], 2), "btk,kd->btd", mesh)  # [B, T, D]
+        wo = p["wo"] if out_in else kernels.flatten(p["wo"], 2)
+        o = _project(attn.reshape(b, t, -1), wo, "btk,kd->btd", (config.d_model,), out_in, mesh)  # [B, T, D]
         attended.append(constrain(x + o, ACT, mesh))
     h = jnp.concatenate([rms_norm(x, p["ffn_norm"], config.norm_eps).reshape(-1, x.shape[-1]) for x in attended])
     valid = jnp.concatenate([pos.q_valid.reshape(-1) for pos in positions])
@@ -417,15 +438,21 @@ def _block(config, p, xs, positions, layer_cache, *, moe_strategy, capacity_fact
     return out, layer_cache, out_logits, dropped
 
 
-def _project(h, w, spec: str, mesh):
-    """h [B, T, *in] times a weight [*in, *out] (plain or int8, `spec` its einsum) -> [B, T, *out],
-    on the CPU kernel for a few rows (`mixtral_jax.kernels`), else XLA's dot."""
+def _project(h, w, spec: str, out_shape: tuple[int, ...], out_in: bool, mesh):
+    """h [B, T, I] times a weight (plain or int8), canonical [*in, *out] (`spec` its einsum) or,
+    with `out_in`, the CPU layout's [prod(out), I] -> [B, T, *out_shape], on the CPU kernel for a
+    few rows (`mixtral_jax.kernels`), else XLA's dot."""
     b, t = h.shape[:2]
-    n_in = h.ndim - 2
-    w2 = kernels.flatten(w, n_in)                                                   # [prod(in), prod(out)]
+    x = h.reshape(b * t, -1)                                                        # [B*T, I]
+    if out_in:
+        if kernels.fits(b * t, w, mesh=mesh):
+            y = kernels.linear(x, w, nk=True)                                       # [B*T, O]
+        else:
+            y = jnp.einsum("mi,oi->mo", x, dequantize(w, h.dtype))                  # [B*T, O]
+        return y.reshape(b, t, *out_shape)
+    w2 = kernels.flatten(w, h.ndim - 2)                                             # [I, O]
     if kernels.fits(b * t, w2, mesh=mesh):
-        out_shape = (w["q"] if is_quantized(w) else w).shape[n_in:]
-        return kernels.linear(h.reshape(b * t, -1), w2).reshape(b, t, *out_shape)
+        return kernels.linear(x, w2).reshape(b, t, *out_shape)
     return jnp.einsum(spec, h, dequantize(w, h.dtype))
 
 

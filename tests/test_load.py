@@ -102,3 +102,36 @@ def test_token_ids_are_range_checked_when_concrete():
     assert jitted.shape == (1, 3, GQA.vocab_size)
     grads = jax.grad(lambda p: mj.forward(GQA, p, [[1, 2, 3]]).sum())(params)
     assert np.isfinite(np.asarray(grads["layers_0"]["w_gate"])).all()
+
+
+@pytest.mark.parametrize("quantize", [None, "int8"])
+def test_cpu_layout_attention_is_out_in_and_computes_the_same(tmp_path, rng, quantize):
+    # The CPU layout (split) stores each attention matrix 2-D [out, in]; loaded either way, through
+    # the kernels (<= 16 rows) and XLA's dot (more), it gives the canonical layout's logits.
+    from mixtral_jax.model import ATTENTION_INPUT_AXES
+    from mixtral_jax.quant import quantize_layer
+    from mixtral_convert import convert
+    from tolerances import CACHE_ATOL, INT8_LOGITS_ATOL
+
+    config = mj.MixtralConfig.tiny()  # every dimension a multiple of 16, so the kernels take it
+    params = mj.init_params(config, seed=8)
+    write_folder(str(tmp_path / "hf"), config, param_items(config, params), "hf", np.float32)
+    split = mj.load(tmp_path / "hf", layout="split", quantize=quantize)
+    stacked = mj.load(tmp_path / "hf", layout="stacked", quantize=quantize)
+    for name, n_in in ATTENTION_INPUT_AXES.items():
+        canonical = stacked.params["layers_1"][name]
+        got = split.params["layers_1"][name]
+        for c, g in ((canonical[k], got[k]) for k in ("q", "scale")) if quantize else ((canonical, got),):
+            want = np.asarray(c).reshape(int(np.prod(c.shape[:n_in])), -1).T        # [out, in]
+            assert g.shape == want.shape and np.array_equal(np.asarray(g), want), name
+    models = [split]
+    if quantize:  # a checkpoint stored in int8 is split from its stored int8 leaves
+        convert(str(tmp_path / "hf"), str(tmp_path / "q"), quantize="int8")
+        models.append(mj.load(tmp_path / "q", layout="split"))
+        assert jax.tree.map(np.shape, models[1].params) == jax.tree.map(np.shape, split.params)
+    atol = INT8_LOGITS_ATOL if quantize else CACHE_ATOL  # int8: AVX2 rounds one row to int16
+    for rows in (1, 5, 24):
+        tokens = rng.integers(0, config.vocab_size, (1, rows))
+        want = np.asarray(stacked(tokens))
+        for model in models:
+            np.testing.assert_allclose(np.asarray(model(tokens)), want, atol=atol, rtol=0)

@@ -7,14 +7,15 @@ C++ kernels in `cpu_kernels.cc` (built at install time against jaxlib's XLA FFI 
 bf16/int8 weights to float32 in registers, prefetch weight rows ahead and spread output rows over a
 few spinning worker threads (one per core beyond the caller). One exception to exact float32
 products: on AVX2 (`isa()` "avx2"), a single activation row against int8 [out, in] rows (the MoE
-layer at batch-1 decode) is rounded to int16 in blocks of 64 values, each within 2^-16 of its
+layer and the CPU layout's attention projections at batch-1 decode) is rounded to int16 in blocks of 64 values, each within 2^-16 of its
 block's largest (256 times finer than the weights' int8 rounding), and multiplied in integers
 (`vpmaddwd`), as llama.cpp multiplies q8_0 weights by activations rounded to int8; that made the
 MoE layers 1.14x and batch-1 int8 decode 1.15x faster there (BENCHMARKS.md, "AVX2 machine"). The
 kernels are:
 
-  - `linear`: x [M, K] @ w [K, N] (attention projections, lm_head), float32/bfloat16/int8 weights
-    (int8: per-output-channel scales, as `mixtral_jax.quant` stores them);
+  - `linear`: x [M, K] @ w [K, N] (lm_head, canonical attention projections) or @ w[N, K]^T (the
+    CPU layout's attention projections, `mixtral_jax.model.split_layer`), float32/bfloat16/int8
+    weights (int8: per-output-channel scales, as `mixtral_jax.quant` stores them);
   - `moe`: the whole MoE layer over the CPU layout's per-expert [out, in] matrices, reading only
     the selected experts (one call per layer instead of the `sorted` strategy's per-expert
     loops): for decode's few tokens a loop bound by memory; for a prompt chunk (up to
