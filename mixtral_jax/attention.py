@@ -15,8 +15,9 @@ costs about half the square and decode costs what the filled part of the cache h
 blocks are visited by a fixed-length scan whose invisible steps a `cond` skips (the bounds are
 data, the trip count is not), so `grad` goes through it; measured as fast as a `while_loop` over
 the visible blocks. A cache of one key block skips the scan and the cond. Decode (one query per
-row) over a float32 cache runs on the CPU kernel instead where it may (`decode_kernel`): each
-block's slicing and transposing for XLA's batched dots cost several times the block's read.
+row) over a float32 or bfloat16 cache runs on the CPU kernel instead where it may
+(`decode_kernel`): each block's slicing and transposing for XLA's batched dots cost several times
+the block's read.
 
 Einsum alphabet (DESIGN.md): B batch, T query length, S key length, K kv heads, G = N/K query heads
 per kv head, H head_dim; q a query block's rows, s a key block's slots.
@@ -215,7 +216,7 @@ def attend(name: str, q, k, v, q_pos, kv_len, chunk: Chunk, *, sliding_window=No
     """Attention by implementation `name` (or "auto"); shapes as `blockwise_attention`, `chunk` the new
     tokens' own keys and values (k, v being the cache they were written to, or themselves; `rows`
     the cache rows the queries read, as `blockwise_attention`'s). Blockwise decode (one query per
-    row) over a float32 cache runs on the CPU kernel where it may (`kernels.attention_fits`)."""
+    row) over a float32 or bfloat16 cache runs on the CPU kernel where it may (`kernels.attention_fits`)."""
     name = choose(name, q, k, chunk, sliding_window)
     if name == "blockwise":
         if kernels.attention_fits(q, k, mesh):

@@ -120,6 +120,30 @@ def test_decode_attention_kernel_equals_blockwise_and_the_oracle(rng, n_heads, k
 
 
 @needs_kernels
+def test_decode_attention_kernel_reads_a_bfloat16_cache(rng):
+    """A bfloat16 model's cache and queries: keys and values are widened exactly, so in float32 the
+    kernel matches the oracle on the widened cache; through `decode_kernel` the result comes back
+    in bfloat16."""
+    from mixtral_jax import attention as att
+
+    r, s, n_heads, kv_heads, head_dim = 3, 300, 8, 2, 64
+    k, v = (jnp.asarray(rng.standard_normal((r, s, kv_heads, head_dim)), jnp.bfloat16) for _ in range(2))
+    q = jnp.asarray(rng.standard_normal((r, 1, n_heads, head_dim)), jnp.bfloat16)
+    rows = jnp.arange(r, dtype=jnp.int32)
+    q_pos = jnp.asarray([[299], [100], [5]], jnp.int32)
+    kv_len = jnp.asarray([300, 101, 6], jnp.int32)
+    assert kernels.attention_fits(q, k)
+    q32, k32, v32 = (a.astype(jnp.float32) for a in (q, k, v))
+    oracle = np.asarray(att.materialized_attention(q32, k32, v32, q_pos, kv_len))
+    exact = np.asarray(jax.jit(lambda *a: kernels.attend(*a, None, None))(q32[:, 0], k, v, rows, q_pos[:, 0],
+                                                                           kv_len))
+    assert _rel_err(exact, oracle[:, 0]) <= KERNEL_RTOL
+    ours = jax.jit(att.decode_kernel)(q, k, v, q_pos, kv_len)
+    assert ours.dtype == jnp.bfloat16
+    assert _rel_err(np.asarray(ours.astype(jnp.float32)), oracle) <= 2.0 ** -8   # bfloat16 rounding
+
+
+@needs_kernels
 def test_decode_attention_kernel_gradient_is_the_pure_paths(rng):
     from mixtral_jax import attention as att
 

@@ -20,13 +20,13 @@ kernels are:
     the selected experts (one call per layer instead of the `sorted` strategy's per-expert
     loops): for decode's few tokens a loop bound by memory; for a prompt chunk (up to
     `MOE_MAX_ROWS` tokens, AVX-512 or AVX2) register-blocked panels bound by arithmetic;
-  - `attend`: decode attention (one query per row) over a float32 KV cache in its own
+  - `attend`: decode attention (one query per row) over a float32 or bfloat16 KV cache in its own
     [rows, slots, K, H] layout, reading each row's visible slots once (`attention_fits`).
 
 They run when all of these hold at trace time: the backend is CPU, no mesh, at most `MAX_ROWS`
 activation rows (`moe_max_rows()` for `moe`: 512 with AVX-512 or AVX2; one query per row for
-`attend`), every dimension a multiple of 16, weights float32/bfloat16/int8 (`attend`: float32
-queries and cache), the library built, and `MIXTRAL_JAX_CPU_KERNELS` is not "0".
+`attend`), every dimension a multiple of 16, weights float32/bfloat16/int8 (`attend`: float32 or
+bfloat16 queries and cache), the library built, and `MIXTRAL_JAX_CPU_KERNELS` is not "0".
 Otherwise the pure-JAX path runs; it is also the oracle (tests/test_kernels.py) and the backward
 pass (gradients are the pure path's `jax.vjp`), so the choice never changes what a program computes
 beyond summation order (and, in that one int8 case, the activation's int16 rounding). `status()`
@@ -129,10 +129,11 @@ def fits(rows: int, *weights, mesh=None, max_rows: int = MAX_ROWS) -> bool:
 
 def attention_fits(q, k, mesh=None) -> bool:
     """Whether decode attention of queries q [B, 1, N, H] over cache k [R, S, K, H] takes the
-    kernel: one query per row, float32 queries and cache (an int8 cache keeps the pure path), H a
-    multiple of 16."""
-    return (q.ndim == 4 and q.shape[1] == 1 and q.dtype == jnp.float32 and isinstance(k, jax.Array)
-            and k.dtype == jnp.float32 and q.shape[-1] % 16 == 0 and enabled(mesh))
+    kernel: one query per row, float32 or bfloat16 queries and cache (an int8 cache keeps the pure
+    path), H a multiple of 16."""
+    floats = (jnp.float32, jnp.bfloat16)
+    return (q.ndim == 4 and q.shape[1] == 1 and q.dtype in floats and isinstance(k, jax.Array)
+            and k.dtype in floats and q.shape[-1] % 16 == 0 and enabled(mesh))
 
 
 def flatten(w, n_in: int):
@@ -213,7 +214,7 @@ def moe(x: jax.Array, experts: jax.Array, gates: jax.Array, weights, pure: Calla
 def _attend_kernel(q, k, v, rows, q_pos, kv_len, *, window: int):
     _require_library()
     call = jax.ffi.ffi_call("mj_attend", jax.ShapeDtypeStruct(q.shape, jnp.float32), vmap_method="sequential")
-    return call(q, k, v, rows, q_pos, kv_len, window=window)
+    return call(q.astype(jnp.float32), k, v, rows, q_pos, kv_len, window=window).astype(q.dtype)
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, rows: jax.Array, q_pos: jax.Array, kv_len: jax.Array,
@@ -221,13 +222,14 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, rows: jax.Array, q_pos: jax
     """Decode attention on the kernel (see `attention_fits`).
 
     Args:
-      q: [B, N, H] float32, one query per row; k, v: [R, S, K, H] float32 cache.
+      q: [B, N, H] float32 or bfloat16, one query per row; k, v: [R, S, K, H] cache, both float32
+        or both bfloat16 (widened in registers: a bfloat16 model's default cache).
       rows: [B] int32 the cache row of each query (out of range: sees nothing); q_pos, kv_len: [B]
         int32 (query b sees slot s when s <= q_pos[b], s < kv_len[b], and q_pos[b] - s < window).
       window: the sliding window, or None.
       pure: the same in pure JAX with this signature (its gradient is used).
     Returns:
-      [B, N, H] float32; a row that sees nothing gets zeros.
+      [B, N, H] in q's dtype; a row that sees nothing gets zeros.
     """
     kernel = functools.partial(_attend_kernel, window=int(window or 0))
     ints = [a.astype(jnp.int32) for a in (rows, q_pos, kv_len)]

@@ -16,7 +16,7 @@
 //       products along contiguous weight rows. For a prompt chunk's many rows the MoE layer turns
 //       to outer products instead (`nk_panel`): each weight broadcast against 8-64 tokens (8-24 on
 //       AVX2) held k-major, which makes it bound by arithmetic rather than by memory.
-// Decode attention (`attend_part`) reads a float32 KV cache in its own [rows, slots, K, H] layout:
+// Decode attention (`attend_part`) reads a float32 or bfloat16 KV cache in its own [rows, slots, K, H] layout:
 // each row's visible slots in parts of whole slots (keys and values read once for all heads), a
 // softmax per part, then the parts merged.
 // The body is compiled once per instruction set (AVX-512, AVX2+FMA, generic) and chosen at run
@@ -446,20 +446,21 @@ constexpr int64_t GroupVectors(int64_t left) { return left >= 6 ? 3 : left >= 4 
      of a split softmax: per head, its scores' max m, l = sum_s exp(score - m) and the unnormalised\
      acc [N, H] = sum_s exp(score - m) v[s]. Every slot's keys and values are read once, whole, for\
      all heads; eight heads' dot products are summed across lanes together (`hsum8`). sc: [N, n]   \
-     scratch. */                                                                                   \
-  void attend_part(const float* q, const float* k, const float* v, int64_t stride, int64_t n,      \
+     scratch. k and v are float32 or bfloat16 (T), stride in elements. */                          \
+  template <WType T>                                                                               \
+  void attend_part(const float* q, const void* k, const void* v, int64_t stride, int64_t n,        \
                    int64_t n_heads, int64_t g_dim, int64_t h_dim, float scale, float* sc, float* m,\
                    float* l, float* acc) {                                                         \
     std::fill(m, m + n_heads, -std::numeric_limits<float>::infinity());                            \
     for (int64_t s = 0; s < n; ++s) {                                                              \
-      const float* ks = k + s * stride;                                                            \
       for (int64_t h0 = 0; h0 < n_heads; h0 += 8) {                                                \
         const int64_t c = std::min<int64_t>(8, n_heads - h0);                                      \
         f32x16 d[8] = {};                                                                          \
         for (int64_t i = 0; i < c; ++i) {                                                          \
-          const float *qh = q + (h0 + i) * h_dim, *kh = ks + ((h0 + i) / g_dim) * h_dim;           \
-          d[i] = loadf(qh) * loadf(kh);                                                            \
-          for (int64_t j = 16; j < h_dim; j += 16) d[i] += loadf(qh + j) * loadf(kh + j);          \
+          const float* qh = q + (h0 + i) * h_dim;                                                  \
+          const int64_t kh = s * stride + ((h0 + i) / g_dim) * h_dim;                              \
+          d[i] = loadf(qh) * load16<T>(k, kh);                                                     \
+          for (int64_t j = 16; j < h_dim; j += 16) d[i] += loadf(qh + j) * load16<T>(k, kh + j);   \
         }                                                                                          \
         float dots[8];                                                                             \
         hsum8(d, dots);                                                                            \
@@ -483,11 +484,11 @@ constexpr int64_t GroupVectors(int64_t left) { return left >= 6 ? 3 : left >= 4 
     }                                                                                              \
     std::fill(acc, acc + n_heads * h_dim, 0.f);                                                    \
     for (int64_t s = 0; s < n; ++s) {                                                              \
-      const float* vs = v + s * stride;                                                            \
       for (int64_t h = 0; h < n_heads; ++h) {                                                      \
-        const float p = sc[h * n + s], *vh = vs + (h / g_dim) * h_dim;                             \
+        const float p = sc[h * n + s];                                                             \
+        const int64_t vh = s * stride + (h / g_dim) * h_dim;                                       \
         float* ah = acc + h * h_dim;                                                               \
-        for (int64_t j = 0; j < h_dim; j += 16) storef(ah + j, loadf(ah + j) + p * loadf(vh + j)); \
+        for (int64_t j = 0; j < h_dim; j += 16) storef(ah + j, loadf(ah + j) + p * load16<T>(v, vh + j));\
       }                                                                                            \
     }                                                                                              \
   }
@@ -1325,13 +1326,16 @@ ffi::Error MoeImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> experts,
   return ffi::Error::Success();
 }
 
-void AttendPart(const float* q, const float* k, const float* v, int64_t stride, int64_t n, int64_t n_heads,
+template <WType T>
+void AttendPart(const float* q, const void* k, const void* v, int64_t stride, int64_t n, int64_t n_heads,
                 int64_t g_dim, int64_t h_dim, float scale, float* sc, float* m, float* l, float* acc) {
 #if defined(__x86_64__) && defined(__GNUC__)
-  if (kIsa == Isa::kAvx512) return avx512::attend_part(q, k, v, stride, n, n_heads, g_dim, h_dim, scale, sc, m, l, acc);
-  if (kIsa == Isa::kAvx2) return avx2::attend_part(q, k, v, stride, n, n_heads, g_dim, h_dim, scale, sc, m, l, acc);
+  if (kIsa == Isa::kAvx512)
+    return avx512::attend_part<T>(q, k, v, stride, n, n_heads, g_dim, h_dim, scale, sc, m, l, acc);
+  if (kIsa == Isa::kAvx2)
+    return avx2::attend_part<T>(q, k, v, stride, n, n_heads, g_dim, h_dim, scale, sc, m, l, acc);
 #endif
-  generic::attend_part(q, k, v, stride, n, n_heads, g_dim, h_dim, scale, sc, m, l, acc);
+  generic::attend_part<T>(q, k, v, stride, n, n_heads, g_dim, h_dim, scale, sc, m, l, acc);
 }
 
 // Slots of one cache row per decode-attention task. The first version took one task per (row, kv
@@ -1342,13 +1346,14 @@ void AttendPart(const float* q, const float* k, const float* v, int64_t stride, 
 // Fewer slots than that in all make smaller parts, so that short rows use every core too.
 constexpr int64_t kAttendSlots = 256, kAttendMinSlots = 32;
 
-// Decode attention (one query per row) straight from a float32 cache: q [B, N, H]; k, v [R, S, K, H]
+// Decode attention (one query per row) straight from a float32 or bfloat16 cache (a bfloat16 model's
+// default; its keys and values widened in registers): q [B, N, H] float32; k, v [R, S, K, H]
 // (a server's cache of every slot; row rows[b] for query row b, out of range: no keys); q_pos,
 // kv_len [B]; query b sees slot s when s <= q_pos[b], s < kv_len[b] and, with window > 0,
 // q_pos[b] - s < window. out [B, N, H]; a row that sees nothing gets zeros. Each row's visible
 // slots are split into parts of up to kAttendSlots (one task each, `attend_part`), whose softmax
 // partials are then merged per (row, head): out = sum_p e^(m_p - M) acc_p / sum_p e^(m_p - M) l_p.
-ffi::Error AttendImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
+ffi::Error AttendImpl(ffi::Buffer<ffi::F32> q, ffi::AnyBuffer k, ffi::AnyBuffer v,
                       ffi::Buffer<ffi::S32> rows, ffi::Buffer<ffi::S32> q_pos, ffi::Buffer<ffi::S32> kv_len,
                       ffi::ResultBuffer<ffi::F32> out, int64_t window) {
   const auto qd = q.dimensions(), kd = k.dimensions();
@@ -1359,6 +1364,10 @@ ffi::Error AttendImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buf
   const int64_t r_dim = kd[0], s_dim = kd[1], kv_heads = kd[2];
   if (kd[3] != h_dim || h_dim % 16 || kv_heads == 0 || n_heads % kv_heads)
     return ffi::Error::InvalidArgument("mj_attend: unsupported shapes");
+  if (k.element_type() != v.element_type() ||
+      (k.element_type() != ffi::DataType::F32 && k.element_type() != ffi::DataType::BF16))
+    return ffi::Error::InvalidArgument("mj_attend: k and v must both be float32 or both bfloat16");
+  const bool bf16 = k.element_type() == ffi::DataType::BF16;
   const int64_t g_dim = n_heads / kv_heads, stride = kv_heads * h_dim;
   const float scale = 1.f / std::sqrt(static_cast<float>(h_dim));
   const int32_t *rp = rows.typed_data(), *pp = q_pos.typed_data(), *lp = kv_len.typed_data();
@@ -1384,8 +1393,15 @@ ffi::Error AttendImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buf
     thread_local std::vector<float> sc;
     sc.resize(n_heads * per);
     float* part = partial.data() + i * width;
-    AttendPart(q.typed_data() + b * n_heads * h_dim, k.typed_data() + base, v.typed_data() + base, stride, n,
-               n_heads, g_dim, h_dim, scale, sc.data(), part, part + n_heads, part + 2 * n_heads);
+    const float* qb = q.typed_data() + b * n_heads * h_dim;
+    if (bf16)
+      AttendPart<WType::kBF16>(qb, static_cast<const uint16_t*>(k.untyped_data()) + base,
+                               static_cast<const uint16_t*>(v.untyped_data()) + base, stride, n, n_heads, g_dim,
+                               h_dim, scale, sc.data(), part, part + n_heads, part + 2 * n_heads);
+    else
+      AttendPart<WType::kF32>(qb, static_cast<const float*>(k.untyped_data()) + base,
+                              static_cast<const float*>(v.untyped_data()) + base, stride, n, n_heads, g_dim,
+                              h_dim, scale, sc.data(), part, part + n_heads, part + 2 * n_heads);
   });
   ParallelFor(b_dim, [&](int64_t b) {
     float* o = out->typed_data() + b * n_heads * h_dim;
@@ -1450,8 +1466,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(mj_moe, MoeImpl,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(mj_attend, AttendImpl,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
