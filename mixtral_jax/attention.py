@@ -216,7 +216,8 @@ def attend(name: str, q, k, v, q_pos, kv_len, chunk: Chunk, *, sliding_window=No
     """Attention by implementation `name` (or "auto"); shapes as `blockwise_attention`, `chunk` the new
     tokens' own keys and values (k, v being the cache they were written to, or themselves; `rows`
     the cache rows the queries read, as `blockwise_attention`'s). Blockwise decode (one query per
-    row) over a float32 or bfloat16 cache runs on the CPU kernel where it may (`kernels.attention_fits`)."""
+    row) over a float32 or bfloat16 cache runs on the CPU kernel where it may
+    (`kernels.attention_fits`)."""
     name = choose(name, q, k, chunk, sliding_window)
     if name == "blockwise":
         if kernels.attention_fits(q, k, mesh):

@@ -399,10 +399,10 @@ def _block(config, p, xs, positions, layer_cache, *, moe_strategy, capacity_fact
     kv_axes = ("batch", "cache_sequence", "kv_heads", "head_dim")
     hs = [rms_norm(x, p["attn_norm"], config.norm_eps) for x in xs]
     out_in = attention_out_in(p)
+    q_shape, kv_shape = (config.n_heads, config.head_dim), (config.n_kv_heads, config.head_dim)
     qkv = []
     for h, pos in zip(hs, positions):
         cos, sin = pos.rope
-        q_shape, kv_shape = (config.n_heads, config.head_dim), (config.n_kv_heads, config.head_dim)
         q = apply_rope(_project(h, p["wq"], "btd,dnh->btnh", q_shape, out_in, mesh), cos, sin)   # [B, T, N, H]
         q = constrain(q, ("batch", "sequence", "q_heads", "head_dim"), mesh)
         k = apply_rope(_project(h, p["wk"], "btd,dkh->btkh", kv_shape, out_in, mesh), cos, sin)  # [B, T, K, H]

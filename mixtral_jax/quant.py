@@ -58,10 +58,8 @@ def quantize_layer(layer: dict[str, Any]) -> dict[str, Any]:
         w = layer[name]
         if isinstance(w, (tuple, list)):  # split experts: each [out, in]
             out[name] = tuple(we if is_quantized(we) else quantize_int8(we, (-1,)) for we in w)
-        elif not is_quantized(w) and w.ndim == 2:  # the CPU layout's [out, in] attention matrix
-            out[name] = quantize_int8(w, (-1,))
-        elif not is_quantized(w):
-            out[name] = quantize_int8(w, axes)
+        elif not is_quantized(w):  # 2-D: the CPU layout's [out, in] attention matrix
+            out[name] = quantize_int8(w, (-1,) if w.ndim == 2 else axes)
     return out
 
 

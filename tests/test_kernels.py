@@ -17,7 +17,7 @@ import mixtral_jax as mj
 from mixtral_jax import kernels, quant
 from mixtral_jax import moe as moe_lib
 from conftest import hf_logits, hf_model
-from tolerances import GRAD_TOL, INT8_LOGITS_ATOL, INT8_ROW_RTOL, KERNEL_RTOL, LOGITS_ATOL, STRATEGY_ATOL
+from tolerances import BF16_ROUND_RTOL, GRAD_TOL, INT8_LOGITS_ATOL, INT8_ROW_RTOL, KERNEL_RTOL, LOGITS_ATOL, STRATEGY_ATOL
 
 KCONFIG = mj.MixtralConfig(vocab_size=512, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16,
                            d_ff=96, n_experts=8, top_k=2, max_seq_len=256)
@@ -140,7 +140,7 @@ def test_decode_attention_kernel_reads_a_bfloat16_cache(rng):
     assert _rel_err(exact, oracle[:, 0]) <= KERNEL_RTOL
     ours = jax.jit(att.decode_kernel)(q, k, v, q_pos, kv_len)
     assert ours.dtype == jnp.bfloat16
-    assert _rel_err(np.asarray(ours.astype(jnp.float32)), oracle) <= 2.0 ** -8   # bfloat16 rounding
+    assert _rel_err(np.asarray(ours.astype(jnp.float32)), oracle) <= BF16_ROUND_RTOL
 
 
 @needs_kernels

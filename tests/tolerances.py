@@ -13,3 +13,4 @@ KERNEL_RTOL = 1e-5       # CPU kernels vs the pure-JAX path (float32 sums; relat
 # weights to int8 moves those logits by 0.13.
 INT8_ROW_RTOL = 1e-4     # one product, relative to the largest output
 INT8_LOGITS_ATOL = 2e-3  # whole model, kernels vs the pure path, int8 weights
+BF16_ROUND_RTOL = 2.0 ** -8  # a float32 result rounded to bfloat16 (8 significant bits), relative to the largest

@@ -7,9 +7,10 @@ C++ kernels in `cpu_kernels.cc` (built at install time against jaxlib's XLA FFI 
 bf16/int8 weights to float32 in registers, prefetch weight rows ahead and spread output rows over a
 few spinning worker threads (one per core beyond the caller). One exception to exact float32
 products: on AVX2 (`isa()` "avx2"), a single activation row against int8 [out, in] rows (the MoE
-layer and the CPU layout's attention projections at batch-1 decode) is rounded to int16 in blocks of 64 values, each within 2^-16 of its
-block's largest (256 times finer than the weights' int8 rounding), and multiplied in integers
-(`vpmaddwd`), as llama.cpp multiplies q8_0 weights by activations rounded to int8; that made the
+layer and the CPU layout's attention projections at batch-1 decode) is rounded to int16 in blocks
+of 64 values, each within 2^-16 of its block's largest (256 times finer than the weights' int8
+rounding), and multiplied in integers (`vpmaddwd`), as llama.cpp multiplies q8_0 weights by
+activations rounded to int8; that made the
 MoE layers 1.14x and batch-1 int8 decode 1.15x faster there (BENCHMARKS.md, "AVX2 machine"). The
 kernels are:
 

@@ -16,8 +16,8 @@
 //       products along contiguous weight rows. For a prompt chunk's many rows the MoE layer turns
 //       to outer products instead (`nk_panel`): each weight broadcast against 8-64 tokens (8-24 on
 //       AVX2) held k-major, which makes it bound by arithmetic rather than by memory.
-// Decode attention (`attend_part`) reads a float32 or bfloat16 KV cache in its own [rows, slots, K, H] layout:
-// each row's visible slots in parts of whole slots (keys and values read once for all heads), a
+// Decode attention (`attend_part`) reads a float32 or bfloat16 KV cache in its own [rows, slots,
+// K, H] layout: each row's visible slots in parts of whole slots (keys and values read once for all heads), a
 // softmax per part, then the parts merged.
 // The body is compiled once per instruction set (AVX-512, AVX2+FMA, generic) and chosen at run
 // time, so one build runs on any x86-64 processor.
